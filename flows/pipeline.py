@@ -1,0 +1,59 @@
+"""Flow `neo_pipeline`: download -> clean -> dedup -> tokenize -> train -> evaluate -> register.
+
+Wiring only: each stage is a cached, versioned Prefect task in `tasks/`, gets its own config
+section, and passes a small `StageResult` (fingerprint, path, counts) to the next.
+"""
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel
+
+from tasks.clean import clean
+from tasks.config import PipelineConfig, default_workspace, redacted_params
+from tasks.dedup import dedup
+from tasks.download import download
+from tasks.evaluate import evaluate
+from tasks.register import register
+from tasks.stage import StageResult
+from tasks.tokenize import tokenize
+from tasks.train import train
+
+
+class PipelineSummary(BaseModel):
+    workspace: str
+    model_name: str
+    version: str
+    alias: str
+    val_ppl: float
+    val_bpb: float
+    unigram_val_bpb: float
+    run_id: str
+    stages: dict[str, StageResult]
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    cfg = flow_run.parameters.get("config")
+    name = cfg.get("name") if isinstance(cfg, dict) else getattr(cfg, "name", None)
+    return f"neo-{name or 'pipeline'}"
+
+
+@flow(name="neo_pipeline", flow_run_name=_run_name, log_prints=True)
+def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | None = None) -> PipelineSummary:
+    """Pre-train and register a GPT-Neo model from a text corpus, end to end."""
+    ws = workspace or str(default_workspace())
+    raw = download(config.corpus, ws)
+    cleaned = clean(config.clean, raw, ws)
+    deduped = dedup(config.dedup, cleaned, ws)
+    tokens = tokenize(config.tokenizer, deduped, ws)
+    trained = train(config.train, config.model, tokens, ws)
+    evaluated = evaluate(config.eval, trained, tokens, ws)
+    registered = register(config.registry, evaluated, [raw, cleaned, deduped, tokens, trained],
+                          redacted_params(config), ws)
+    m = evaluated.info["metrics"]
+    stages = {r.stage: r for r in (raw, cleaned, deduped, tokens, trained, evaluated, registered)}
+    return PipelineSummary(workspace=ws, model_name=registered.info["model_name"],
+                           version=registered.info["version"], alias=registered.info["alias"],
+                           val_ppl=m["val_ppl"], val_bpb=m["val_bpb"], unigram_val_bpb=m["unigram_val_bpb"],
+                           run_id=registered.info["run_id"], stages=stages)

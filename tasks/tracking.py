@@ -1,0 +1,52 @@
+"""MLflow location and run helpers shared by train, evaluate and register.
+
+Embedded default: tracking and registry in `sqlite:///<workspace>/mlflow/mlflow.db` with artifacts
+under `<workspace>/mlflow/artifacts`. Setting `MLFLOW_TRACKING_URI` (and optionally
+`MLFLOW_REGISTRY_URI`) points every stage at a real server instead, with no code change.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+
+def tracking_uri(workspace: str | Path) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    db = Path(workspace).resolve() / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def client(workspace: str | Path) -> MlflowClient:
+    uri = tracking_uri(workspace)
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI", uri))
+
+
+def use_workspace(workspace: str | Path) -> None:
+    """Point MLflow's fluent API (needed by log_model / register_model) at the workspace store."""
+    uri = tracking_uri(workspace)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+
+
+def experiment_id(c: MlflowClient, name: str, workspace: str | Path) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # a server decides its own artifact root
+        location = (Path(workspace).resolve() / "mlflow" / "artifacts").as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])

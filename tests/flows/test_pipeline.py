@@ -1,0 +1,217 @@
+"""End to end: the whole flow on a tiny generated corpus, under prefect_test_harness.
+
+Checks manifests, document accounting, the MLflow run and registry, Prefect's records of the runs,
+cross-run caching, invalidation by a helper edit, and retry of a transient download failure.
+"""
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+import tasks.stage
+from flows.pipeline import neo_pipeline
+from tasks import tracking
+from tasks.config import load_config
+from tasks.stage import read_manifest, verify_manifest
+
+STAGES = ["download", "clean", "dedup", "tokenize", "train", "evaluate", "register"]
+WORDS = ("alpha beta gamma delta value index count total result items name data buffer offset "
+         "record token stream parse render config update merge split").split()
+
+
+def _python_doc(rng: random.Random, i: int) -> str:
+    lines = [f'"""Module {i}: helpers for {rng.choice(WORDS)} handling."""', "import os", ""]
+    for f in range(rng.randint(3, 6)):
+        a, b = rng.sample(WORDS, 2)
+        lines += [f"def {a}_{b}_{f}({a}, {b}=None):",
+                  f'    """Return the {a} merged with {b}."""',
+                  f"    if {b} is None:",
+                  f"        {b} = {rng.randint(0, 99)}",
+                  f"    return [{a}, {b}, {rng.choice(WORDS)!r}]", ""]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """70 generated Python files, 5 exact duplicates, 3 too short, a jsonl with one malformed line."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(7)
+    docs = [_python_doc(rng, i) for i in range(70)]
+    for i, text in enumerate(docs):
+        (root / f"mod_{i:03d}.py").write_text(text)
+    for i in range(5):
+        (root / f"copy_{i}.py").write_text(docs[i])
+    for i in range(3):
+        (root / f"short_{i}.py").write_text("x = 1\n")
+    lines = [json.dumps({"text": _python_doc(rng, 100 + i)}) for i in range(4)]
+    (root / "extra.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    return {"root": root, "files": 70 + 5 + 3 + 1, "docs": 70 + 5 + 3 + 4, "duplicates": 5,
+            "short": 3, "quarantined": 1}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness():
+        yield
+
+
+def _config(corpus, *extra):
+    return load_config("debug", [f"corpus.sources=['{corpus['root']}']", "corpus.max_bytes=null",
+                                 "eval.samples=1", *extra])
+
+
+def _run(cfg, ws):
+    state = neo_pipeline(config=cfg, workspace=str(ws), return_state=True)
+    assert state.is_completed(), state
+    return state.result(), state.state_details.flow_run_id
+
+
+def _stage_names(flow_run_id) -> dict[str, str]:
+    """Stage -> final state name, from the task run names (`<stage>-<fingerprint>`)."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}, {r.name.rsplit("-", 1)[0]: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def first_run(harness, corpus, tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    summary, flow_run_id = _run(_config(corpus), ws)
+    return {"ws": ws, "summary": summary, "flow_run_id": flow_run_id, "cfg": _config(corpus)}
+
+
+def test_end_to_end_outputs_accounting_and_registry(first_run, corpus):
+    s = first_run["summary"]
+    st = s.stages
+    assert list(st) == STAGES
+    for name, r in st.items():
+        assert read_manifest(Path(r.path)) is not None, name
+        assert verify_manifest(Path(r.path)) == [], name
+    # download: every file read, the malformed line quarantined with a reason naming file and line
+    dl = st["download"].counts
+    assert dl["docs"] == corpus["docs"] and dl["quarantined"] == 1
+    quarantine = (Path(st["download"].path) / "quarantine.jsonl").read_text().splitlines()
+    assert len(quarantine) == 1 and "extra.jsonl" in quarantine[0]
+    # clean -> dedup -> tokenize: documents in = kept + rejected + duplicates at every stage
+    cl, dd, tk = st["clean"].counts, st["dedup"].counts, st["tokenize"].counts
+    assert cl["docs_in"] == dl["docs"]
+    assert cl["docs_in"] == cl["kept"] + sum(v for k, v in cl.items() if k.startswith("rejected:"))
+    assert cl.get("rejected:too_short", 0) == corpus["short"]
+    assert dd["docs_in"] == cl["kept"] and dd["duplicates"] == corpus["duplicates"]
+    assert dd["kept"] + dd["duplicates"] == dd["docs_in"]
+    assert tk["docs_in"] == dd["kept"] == tk["train_docs"] + tk["val_docs"]
+    assert tk["val_rows"] > 0 and tk["train_rows"] > 0
+    # train/eval
+    cfg = first_run["cfg"]
+    assert st["train"].counts["steps"] == cfg.train.max_steps
+    m = st["evaluate"].info["metrics"]
+    assert 0 < m["val_bpb"] < 20 and m["val_ppl"] > 1 and m["unigram_val_bpb"] > 0
+    # MLflow: one run holding metrics, params and the registered version with alias champion
+    c = tracking.client(first_run["ws"])
+    mv = c.get_model_version_by_alias(cfg.registry.model_name, "champion")
+    assert str(mv.version) == s.version == "1" and s.alias == "champion"
+    assert mv.run_id == s.run_id == st["train"].info["run_id"]
+    run = c.get_run(s.run_id)
+    assert run.data.metrics["val_bpb"] == pytest.approx(m["val_bpb"])
+    assert len(c.get_metric_history(s.run_id, "train_loss")) >= cfg.train.max_steps // cfg.train.log_every
+    assert run.data.params["train.max_steps"] == str(cfg.train.max_steps)
+    artifacts = {a.path for a in c.list_artifacts(s.run_id)}
+    assert {"lineage", "eval", "hf_model"} <= artifacts
+    assert {a.path for a in c.list_artifacts(s.run_id, "lineage")} == {f"lineage/{n}" for n in STAGES[:6]}
+
+
+def test_prefect_records_one_completed_task_run_per_stage(first_run):
+    states, runs = _stage_names(first_run["flow_run_id"])
+    assert set(states) == set(STAGES)
+    assert all(v == "Completed" for v in states.values()), states
+
+
+def test_registered_model_generates_text(first_run):
+    import mlflow
+
+    tracking.use_workspace(first_run["ws"])
+    gen = mlflow.pyfunc.load_model(f"models:/{first_run['cfg'].registry.model_name}@champion")
+    out = gen.predict({"prompt": ["def alpha"]}, params={"max_new_tokens": 8, "seed": 1})
+    assert len(out) == 1 and isinstance(out[0], str) and len(out[0]) > 0
+
+
+def test_unchanged_rerun_is_served_from_cache(first_run, corpus):
+    ws = first_run["ws"]
+    mtimes = {n: (Path(r.path) / "manifest.json").stat().st_mtime_ns
+              for n, r in first_run["summary"].stages.items()}
+    summary, flow_run_id = _run(first_run["cfg"], ws)
+    states, _ = _stage_names(flow_run_id)
+    assert states == {n: "Cached" for n in STAGES}
+    assert {n: (Path(r.path) / "manifest.json").stat().st_mtime_ns for n, r in summary.stages.items()} == mtimes
+    assert summary.version == "1"
+    c = tracking.client(ws)
+    assert len(c.search_model_versions(f"name = '{first_run['cfg'].registry.model_name}'")) == 1
+
+
+def test_worse_model_becomes_challenger(first_run, corpus):
+    cfg = _config(corpus, "train.max_steps=2", "train.warmup_steps=1")
+    summary, flow_run_id = _run(cfg, first_run["ws"])
+    states, _ = _stage_names(flow_run_id)
+    assert {n: states[n] for n in STAGES[:4]} == {n: "Cached" for n in STAGES[:4]}
+    assert {n: states[n] for n in STAGES[4:]} == {n: "Completed" for n in STAGES[4:]}
+    assert summary.version == "2" and summary.alias == "challenger"
+    assert summary.val_bpb > first_run["summary"].val_bpb
+    c = tracking.client(first_run["ws"])
+    assert str(c.get_model_version_by_alias(cfg.registry.model_name, "champion").version) == "1"
+    assert str(c.get_model_version_by_alias(cfg.registry.model_name, "challenger").version) == "2"
+
+
+def test_editing_a_stage_helper_reruns_that_stage_and_later(first_run, corpus, tmp_path, monkeypatch):
+    """Edit a helper function of the clean stage (not the task function, which Prefect's TASK_SOURCE
+    would see) in a copy of the sources: clean and everything after it re-run, download stays cached."""
+    root = tmp_path / "src"
+    for pkg in tasks.stage.PROJECT_PACKAGES:
+        shutil.copytree(tasks.stage.PROJECT_ROOT / pkg, root / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    clean_py = root / "tasks" / "clean.py"
+    src = clean_py.read_text()
+    marker = "\ndef "  # first helper function defined in the module
+    idx = src.index(marker)
+    clean_py.write_text(src[:idx] + "\n_EDITED_HELPER_CONSTANT = 1\n" + src[idx:])
+    monkeypatch.setattr(tasks.stage, "PROJECT_ROOT", root)
+    summary, flow_run_id = _run(first_run["cfg"], first_run["ws"])
+    states, _ = _stage_names(flow_run_id)
+    assert states["download"] == "Cached"
+    assert {n: states[n] for n in STAGES[1:]} == {n: "Completed" for n in STAGES[1:]}, states
+    assert summary.stages["clean"].fingerprint != first_run["summary"].stages["clean"].fingerprint
+    assert summary.stages["download"].fingerprint == first_run["summary"].stages["download"].fingerprint
+
+
+def test_transient_download_failure_is_retried(harness, corpus, tmp_path, monkeypatch):
+    import tasks.download as dl
+    import tasks.prefect_stage
+
+    calls = {"n": 0}
+    real = dl.run_download
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("injected transient failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dl, "run_download", flaky)
+    from prefect import flow
+
+    @flow
+    def only_download(cfg):
+        return dl.download(cfg, str(tmp_path), return_state=True)
+
+    state = only_download(_config(corpus).corpus)
+    assert calls["n"] == 2
+    assert state.is_completed()
+    result = state.result()
+    assert result.counts["docs"] == corpus["docs"]
+    with get_client(sync_client=True) as client:
+        tr = client.read_task_run(state.state_details.task_run_id)
+    assert tr.run_count == 2
