@@ -85,7 +85,7 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(default=600, gt=0)
+    max_steps: int = Field(default=500, gt=0)
     """Optimizer steps to train for."""
     batch_size: int = Field(default=16, gt=0)
     """Packed rows per optimizer step."""

@@ -166,7 +166,7 @@ def _listing(files: list[SourceFile]) -> list[str]:
 def plan(cfg: CorpusConfig, workspace: str) -> tuple[str, Path]:
     code = code_version(__name__, VERSION)
     fp = fingerprint(STAGE, cfg, _listing(list_sources(cfg)[0]), code)
-    return fp, stage_dir(workspace, STAGE, fp)
+    return fp, stage_dir(workspace, "raw", fp)
 
 
 # ---------------------------------------------------------------------------- reading sources
@@ -337,7 +337,7 @@ def run_download(cfg: CorpusConfig, workspace: str) -> StageResult:
     files, capped = list_sources(cfg)
     code = code_version(__name__, VERSION)
     fp = fingerprint(STAGE, cfg, _listing(files), code)
-    directory = stage_dir(workspace, STAGE, fp)
+    directory = stage_dir(workspace, "raw", fp)
     if (manifest := read_manifest(directory)) is not None:
         return result_from_manifest(directory, manifest, reused=True, info_keys=INFO_KEYS)
     prepare_dir(directory)

@@ -58,7 +58,7 @@ PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"
 def plan(cfg: TokenizerConfig, upstream: StageResult, workspace: str) -> tuple[str, Path]:
     code = code_version(__name__, VERSION)
     fp = fingerprint(STAGE, cfg, [upstream.fingerprint], code)
-    return fp, stage_dir(workspace, STAGE, fp)
+    return fp, stage_dir(workspace, "tokens", fp)
 
 
 # ---------------------------------------------------------------------------- split and input

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
+                                            FlowRunFilterId)
 from prefect.testing.utilities import prefect_test_harness
 
 import tasks.stage
@@ -129,6 +130,14 @@ def test_prefect_records_one_completed_task_run_per_stage(first_run):
     states, runs = _stage_names(first_run["flow_run_id"])
     assert set(states) == set(STAGES)
     assert all(v == "Completed" for v in states.values()), states
+    fps = {n: r.fingerprint for n, r in first_run["summary"].stages.items()}
+    assert {n: r.name for n, r in runs.items()} == {n: f"{n}-{fps[n][:10]}" for n in STAGES}
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[first_run["flow_run_id"]])))
+    reports = {a.key: a for a in arts if a.type == "markdown"}
+    assert set(reports) == {f"{n}-report" for n in STAGES}
+    assert f"`{fps['dedup']}`" in reports["dedup-report"].data
 
 
 def test_registered_model_generates_text(first_run):
