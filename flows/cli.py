@@ -1,4 +1,4 @@
-"""`neo` command line: run the pipeline, verify stage outputs.
+"""`neo` command line: run the pipeline, verify outputs, manage registered models, export to HF.
 
 Configuration is validated and the embedded Prefect/MLflow locations are set before Prefect is
 imported, so a bad `--set` fails in milliseconds, naming the key, and no work starts.
@@ -72,6 +72,89 @@ def verify(workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) 
     typer.echo(f"verified {len(dirs)} stage directories, {len(problems)} problems")
     if problems:
         raise typer.Exit(1)
+
+
+def _registry_client(workspace: Optional[Path]):
+    """MLflow client on `MLFLOW_TRACKING_URI`, else the workspace's SQLite store."""
+    import os
+
+    from flows.runtime import OFFLINE_DEFAULTS
+
+    for k, v in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    ws = (workspace or default_workspace()).resolve()
+    from tasks import tracking
+
+    return tracking.client(ws)
+
+
+@app.command()
+def models(name: str = typer.Argument(..., help="Registered model name."),
+           workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
+    """List a registered model's versions with aliases, bits-per-byte and gate decisions."""
+    from tasks import registry
+
+    rows = registry.list_versions(_registry_client(workspace), name)
+    if not rows:
+        _fail(f"no versions of model {name!r}")
+    typer.echo(f"{'version':>7}  {'aliases':<28} {'val_bpb':>8}  decision")
+    for r in rows:
+        bpb = f"{r.metric:.4f}" if r.metric is not None else "-"
+        typer.echo(f"{r.version:>7}  {','.join(r.aliases) or '-':<28} {bpb:>8}  {r.decision or '-'}")
+
+
+@app.command()
+def promote(name: str, version: str, workspace: Optional[Path] = typer.Option(None, "-w", "--workspace"),
+            reason: str = typer.Option("promoted by hand", help="Recorded as the version's gate.reason.")) -> None:
+    """Make VERSION the champion; the current champion becomes previous-champion."""
+    from tasks import registry
+
+    old = registry.promote(_registry_client(workspace), name, version, reason)
+    typer.echo(f"{name}: version {version} is @champion" + (f" (was {old}, now @previous-champion)"
+                                                           if old and old != version else ""))
+
+
+@app.command()
+def rollback(name: str, workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
+    """Give @champion back to @previous-champion."""
+    from tasks import registry
+
+    try:
+        demoted, restored = registry.rollback(_registry_client(workspace), name)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"{name}: version {restored} is @champion again (version {demoted} rolled back)")
+
+
+@app.command("export-hf")
+def export_hf(model: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION, or a model directory."),
+              out: Path = typer.Argument(..., help="Destination directory."),
+              workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
+    """Write a Hugging Face directory (GPTNeoForCausalLM + PreTrainedTokenizerFast files)."""
+    from tasks.export import copy_export
+
+    if Path(model).is_dir():
+        copy_export(model, out)
+    else:
+        import tempfile
+
+        import mlflow
+
+        c = _registry_client(workspace)
+        if "@" in model:
+            name, alias = model.split("@", 1)
+            mv = c.get_model_version_by_alias(name, alias)
+        elif "/" in model:
+            name, version = model.split("/", 1)
+            mv = c.get_model_version(name, version)
+        else:
+            _fail(f"{model!r}: expected NAME@ALIAS, NAME/VERSION or a directory")
+        with tempfile.TemporaryDirectory() as tmp:
+            src = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="hf_model", dst_path=tmp,
+                                                      tracking_uri=c.tracking_uri)
+            copy_export(src, out)
+    typer.echo(f"exported to {out.resolve()} (transformers: GPTNeoForCausalLM.from_pretrained, "
+               "PreTrainedTokenizerFast.from_pretrained)")
 
 
 def main() -> None:

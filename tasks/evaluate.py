@@ -18,20 +18,31 @@ import torch
 from neo_model import GPTNeo
 from tasks import tracking
 from tasks.config import EvalConfig
+from tasks.evals import run_task
+from tasks.evals.contamination import contaminated_fraction, example_texts, training_index
 from tasks.stage import (StageResult, code_version, file_entry, fingerprint, prepare_dir,
-                         read_manifest, result_from_manifest, stage_dir, write_json_atomic,
+                         read_manifest, result_from_manifest, sha256_file, stage_dir, write_json_atomic,
                          write_manifest)
 from tasks.tokenize import load_tokenizer, read_rows
 
 STAGE = "evaluate"
 VERSION = 1
-INFO_KEYS = ("metrics", "run_id", "model_dir", "samples_path")
+INFO_KEYS = ("metrics", "run_id", "model_dir", "samples_path", "report_path")
 LN2 = math.log(2)
+
+
+def _task_files(cfg: EvalConfig) -> list[str]:
+    """sha256 of every eval data file, so edited eval data re-runs the stage."""
+    paths = sorted({p for t in cfg.tasks for p in (t.path, t.fewshot_path) if p})
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"eval task file(s) not found: {', '.join(missing)} (eval.tasks)")
+    return [f"{p}:{sha256_file(Path(p))}" for p in paths]
 
 
 def plan(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, workspace: str) -> tuple[str, Path]:
     code = code_version(__name__, VERSION)
-    fp = fingerprint(STAGE, cfg, [upstream.fingerprint, tokens.fingerprint], code)
+    fp = fingerprint(STAGE, cfg, [upstream.fingerprint, tokens.fingerprint, *_task_files(cfg)], code)
     return fp, stage_dir(workspace, "eval", fp)
 
 
@@ -75,6 +86,43 @@ def generate_samples(model: GPTNeo, tokenizer, cfg: EvalConfig, eos_id: int, see
     return samples
 
 
+def training_texts(tokenizer, train_rows: np.ndarray, max_tokens: int, chunk: int = 65536):
+    """The training token stream decoded back to text, in chunks (byte-level BPE is lossless)."""
+    stream = np.concatenate([train_rows[:1, 0], train_rows[:, 1:].ravel()])[:max_tokens]
+    for start in range(0, len(stream), chunk):
+        yield tokenizer.decode(stream[start:start + chunk].astype(np.int64).tolist(), skip_special_tokens=False)
+
+
+def score_tasks(cfg: EvalConfig, model: GPTNeo, tokenizer, train_rows: np.ndarray) -> dict[str, float]:
+    """Every configured task's metrics as `<task>.<metric>`, plus its n-gram contamination share."""
+    if not cfg.tasks:
+        return {}
+    out: dict[str, float] = {}
+    n = cfg.contamination_ngram
+    index = training_index(training_texts(tokenizer, train_rows, cfg.contamination_max_tokens), n)
+    for spec in cfg.tasks:
+        for k, v in run_task(spec, model, tokenizer).items():
+            out[f"{spec.name}.{k}"] = float(v)
+        out[f"{spec.name}.contamination_{n}gram"] = contaminated_fraction(example_texts(spec), index, n)
+    return out
+
+
+def report_markdown(metrics: dict[str, float], samples: list[dict], cfg: EvalConfig) -> str:
+    """The evaluation report (Prefect artifact and MLflow artifact)."""
+    lines = ["# Evaluation", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if "." not in k]
+    beat = metrics["val_bpb"] < metrics["unigram_val_bpb"]
+    lines += ["", f"Validation bits-per-byte {metrics['val_bpb']:.4f} vs unigram baseline "
+              f"{metrics['unigram_val_bpb']:.4f}: the model {'beats' if beat else 'does NOT beat'} it."]
+    if cfg.tasks:
+        lines += ["", "## Tasks", "", "| task | metric | value |", "|---|---|---|"]
+        lines += [f"| {k.split('.', 1)[0]} | {k.split('.', 1)[1]} | {v:.4f} |" for k, v in metrics.items() if "." in k]
+        lines += ["", f"`contamination_{cfg.contamination_ngram}gram`: share of a task's examples sharing a "
+                  f"{cfg.contamination_ngram}-word sequence with the training data (GPT-3's test)."]
+    lines += ["", "## Samples", *(f"- **{s['prompt']!r}** → `{s['completion'][:200]!r}`" for s in samples)]
+    return "\n".join(lines) + "\n"
+
+
 def run_evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, workspace: str) -> StageResult:
     fp, out = plan(cfg, upstream, tokens, workspace)
     if (m := read_manifest(out)) is not None:
@@ -93,11 +141,14 @@ def run_evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, wo
     metrics = {"val_loss": ours["loss"], "val_ppl": ours["ppl"], "val_bpb": ours["bpb"],
                "unigram_val_loss": base["loss"], "unigram_val_bpb": base["bpb"],
                "val_tokens": float(n_targets), "val_bytes": float(val_bytes.sum())}
-    samples = generate_samples(model, load_tokenizer(tokens.path), cfg, tokens.info["eos_id"])
+    tokenizer = load_tokenizer(tokens.path)
+    metrics.update(score_tasks(cfg, model, tokenizer, train))
+    samples = generate_samples(model, tokenizer, cfg, tokens.info["eos_id"])
 
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "samples.json", samples)
-    files = [file_entry(out / "metrics.json", out), file_entry(out / "samples.json", out)]
+    (out / "report.md").write_text(report_markdown(metrics, samples, cfg))
+    files = [file_entry(out / name, out) for name in ("metrics.json", "samples.json", "report.md")]
     run_id = upstream.info["run_id"]
     tracking.log_metrics(tracking.client(workspace), run_id, metrics, step=upstream.counts.get("steps", 0))
     manifest = write_manifest(out, stage=STAGE, fp=fp, code=code_version(__name__, VERSION), config=cfg,
@@ -106,7 +157,7 @@ def run_evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, wo
                                       "samples": len(samples)},
                               files=files, started=started, metrics=metrics, run_id=run_id,
                               model_dir=upstream.info["model_dir"],
-                              samples_path=str(out / "samples.json"))
+                              samples_path=str(out / "samples.json"), report_path=str(out / "report.md"))
     return result_from_manifest(out, manifest, reused=False, info_keys=INFO_KEYS)
 
 
@@ -124,8 +175,5 @@ def evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, worksp
     m = result.info["metrics"]
     get_run_logger().info(f"val loss {m['val_loss']:.4f}, ppl {m['val_ppl']:.2f}, bpb {m['val_bpb']:.4f} "
                           f"(unigram baseline bpb {m['unigram_val_bpb']:.4f})")
-    samples = json.loads(Path(result.info["samples_path"]).read_text())
-    lines = ["| metric | value |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in m.items()), "",
-             "## Samples", *(f"**{s['prompt']!r}** → `{s['completion'][:200]!r}`" for s in samples)]
-    report(STAGE, result, lines)
+    report(STAGE, result, [Path(result.info["report_path"]).read_text()])
     return result

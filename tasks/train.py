@@ -18,6 +18,7 @@ import torch
 from neo_model import GPTNeo, GPTNeoConfig
 from neo_model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, should_save
 from tasks.config import ModelConfig, TrainConfig
+from tasks.export import write_tokenizer_files
 from tasks.stage import (StageResult, code_version, file_entry, fingerprint, read_manifest,
                          result_from_manifest, stage_dir, write_manifest)
 from tasks.tokenize import read_rows
@@ -162,7 +163,7 @@ def run_train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, works
     if model_dir.exists():
         shutil.rmtree(model_dir)
     net.save_pretrained(model_dir)
-    shutil.copy2(Path(upstream.path) / "tokenizer.json", model_dir / "tokenizer.json")
+    write_tokenizer_files(model_dir, Path(upstream.path) / "tokenizer.json")
     c.set_terminated(run_id, "FINISHED")
     files = [file_entry(p, out) for p in sorted(model_dir.iterdir())]
     manifest = write_manifest(

@@ -1,76 +1,134 @@
-"""Register stage: champion/challenger by metric, everything in the training run, idempotent."""
+"""Register stage and registry operations: the gate in all branches, lineage, idempotence, rollback."""
 import json
+import random
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from neo_model import GPTNeo, GPTNeoConfig
-from tasks import tracking
-from tasks.config import RegistryConfig
-from tasks.register import decide_alias, run_register
+import tasks.train as train_mod
+from neo_model import GPTNeo
+from tasks import registry, tracking
+from tasks.config import ModelConfig, RegistryConfig, TokenizerConfig, TrainConfig
+from tasks.register import run_register, text_bpb, validation_documents
 from tasks.stage import StageResult
-from tasks.tokenize import train_tokenizer
+from tasks.tokenize import run_tokenize
 
-
-def test_decide_alias_lower_is_better_and_ties_keep_champion():
-    cfg = RegistryConfig()
-    assert decide_alias(1.0, None, cfg) == "champion"
-    assert decide_alias(0.9, 1.0, cfg) == "champion"
-    assert decide_alias(1.0, 1.0, cfg) == "challenger"
-    assert decide_alias(1.1, 1.0, cfg) == "challenger"
+WORDS = "def return value index self import class for in if else None True print".split()
+_rng = random.Random(0)
+TEXTS = [" ".join(_rng.choice(WORDS) for _ in range(_rng.randint(40, 120))) for _ in range(80)]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    GPTNeo(GPTNeoConfig.from_preset("debug")).save_pretrained(d)
-    train_tokenizer(["def f(x):\n    return x\n"] * 20, 300).save(str(d / "tokenizer.json"))
-    return d
+def ws(tmp_path_factory):
+    return tmp_path_factory.mktemp("ws")
 
 
-def _evaluation(ws, model_dir, bpb: float, tag: str) -> StageResult:
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory, ws) -> StageResult:
+    docs_dir = tmp_path_factory.mktemp("dedup")
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(80)], "text": TEXTS, "source": ["t"] * 80}),
+                   docs_dir / "docs-00000.parquet")
+    upstream = StageResult(stage="dedup", fingerprint="d" * 16, path=str(docs_dir))
+    return run_tokenize(TokenizerConfig(vocab_size=300, seq_len=32, val_fraction=0.2), upstream, str(ws))
+
+
+def _trained(ws, tokens, steps: int) -> StageResult:
+    cfg = TrainConfig(max_steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5,
+                      checkpoint_every=1000, seed=1, device="cpu")
+    return train_mod.run_train(cfg, ModelConfig(preset="debug", overrides={"max_position_embeddings": 64}),
+                               tokens, str(ws), log=lambda m: None)
+
+
+def _uniform(ws, trained: StageResult) -> StageResult:
+    """A copy of a trained run whose model predicts the uniform distribution (all-zero embeddings)."""
+    model = GPTNeo.from_pretrained(trained.info["model_dir"])
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()
+    d = ws / "uniform-model"
+    model.save_pretrained(d)
+    shutil.copy2(f"{trained.info['model_dir']}/tokenizer.json", d / "tokenizer.json")
     c = tracking.client(ws)
-    exp = tracking.experiment_id(c, "neo-pipeline", ws)
-    run_id = c.create_run(exp, run_name=tag).info.run_id
-    tracking.log_metrics(c, run_id, {"val_bpb": bpb})
+    run_id = c.create_run(tracking.experiment_id(c, "neo-pipeline", ws)).info.run_id
+    return trained.model_copy(update={"fingerprint": "u" * 16,
+                                      "info": {**trained.info, "model_dir": str(d), "run_id": run_id}})
+
+
+def _evaluation(ws, trained: StageResult, tag: str, bpb: float) -> StageResult:
     d = ws / f"eval-{tag}"
-    d.mkdir()
-    (d / "manifest.json").write_text(json.dumps({"stage": "evaluate"}))
+    d.mkdir(exist_ok=True)
+    (d / "manifest.json").write_text(json.dumps({"stage": "evaluate", "code_version": "v1-x"}))
     (d / "samples.json").write_text(json.dumps([{"prompt": "def", "completion": " f"}]))
-    return StageResult(stage="evaluate", fingerprint=f"{tag:0<16}", path=str(d),
-                       info={"metrics": {"val_bpb": bpb}, "run_id": run_id, "model_dir": str(model_dir),
-                             "samples_path": str(d / "samples.json")})
+    metrics = {"val_bpb": bpb, "val_ppl": 2.0, "unigram_val_bpb": 3.0}
+    tracking.log_metrics(tracking.client(ws), trained.info["run_id"], metrics)
+    return StageResult(stage="evaluate", fingerprint=f"{tag:e<16}", path=str(d),
+                       info={"metrics": metrics, "run_id": trained.info["run_id"],
+                             "model_dir": trained.info["model_dir"], "samples_path": str(d / "samples.json")})
 
 
-def test_promotion_sequence_and_idempotent_rerun(tmp_path, model_dir):
-    ws = tmp_path
-    cfg = RegistryConfig(model_name="neo-test")
-    params = {"train.lr": "0.001", "storage.password": "***"}
-    first = run_register(cfg, _evaluation(ws, model_dir, 1.5, "a"), [], params, str(ws))
-    worse = run_register(cfg, _evaluation(ws, model_dir, 1.7, "b"), [], params, str(ws))
-    better = run_register(cfg, _evaluation(ws, model_dir, 1.2, "c"), [], params, str(ws))
-    assert [(r.info["version"], r.info["alias"]) for r in (first, worse, better)] == \
-        [("1", "champion"), ("2", "challenger"), ("3", "champion")]
-    assert better.info["champion_before"] == {"version": 1, "val_bpb": 1.5}
+def test_validation_documents_are_the_val_text(tokens):
+    docs = validation_documents(tokens.path, max_bytes=10**9)
+    assert len(docs) >= tokens.counts["val_docs"] - 2  # documents in the dropped tail may be missing
+    assert all(d in TEXTS for d in docs), "each decoded document is exactly a source document"
+
+
+def test_gate_all_branches_and_rollback(ws, tokens):
+    name = "neo-gate"
+    cfg = RegistryConfig(model_name=name)
+    params = {"train.lr": "0.003", "corpus.api_key": "***"}
+    short, longer = _trained(ws, tokens, 15), _trained(ws, tokens, 60)
+    uniform = _uniform(ws, short)
+    docs = validation_documents(tokens.path, cfg.gate_max_bytes)
+    bpb = {k: text_bpb(r.info["model_dir"], docs) for k, r in
+           {"short": short, "longer": longer, "uniform": uniform}.items()}
+    assert bpb["longer"] < bpb["short"] < bpb["uniform"]
+
+    def reg(trained, tag, registry_cfg=cfg):
+        return run_register(registry_cfg, _evaluation(ws, trained, tag, bpb[tag.rstrip("2")]),
+                            [tokens, trained], params, str(ws), run_tags={"prefect.flow_run_id": f"fr-{tag}"})
+
+    first = reg(short, "short")  # no champion yet
+    assert (first.info["version"], first.info["alias"]) == ("1", "champion")
+    assert first.info["gate"]["reason"] == "first model"
+    worse = reg(uniform, "uniform")  # re-scored champion wins
+    assert (worse.info["version"], worse.info["alias"]) == ("2", "challenger")
+    assert worse.info["gate"]["champion_bpb"] == pytest.approx(bpb["short"], rel=1e-6)
+    assert worse.info["gate"]["candidate_bpb"] == pytest.approx(bpb["uniform"], rel=1e-6)
+    within = reg(longer, "longer", RegistryConfig(model_name=name, margin=10.0))  # better, not by the margin
+    assert (within.info["version"], within.info["alias"]) == ("3", "challenger")
+    better = reg(longer, "longer2")  # same model, new registration, default margin
+    assert (better.info["version"], better.info["alias"]) == ("4", "champion")
+
     c = tracking.client(ws)
-    assert str(c.get_model_version_by_alias("neo-test", "champion").version) == "3"
-    mv = c.get_model_version("neo-test", "1")
-    assert mv.run_id == first.info["run_id"]
-    run = c.get_run(first.info["run_id"])
+    assert registry.alias_version(c, name, "champion") == "4"
+    assert registry.alias_version(c, name, "previous-champion") == "1"
+    mv = c.get_model_version(name, "4")
+    assert mv.tags["gate.decision"] == "champion" and float(mv.tags["gate.champion_bpb"]) == pytest.approx(bpb["short"])
+    assert mv.tags["neo.fp.tokenize"] == tokens.fingerprint and "bits-per-byte" in mv.description
+    assert c.get_model_version(name, "2").tags["gate.decision"] == "challenger"
+    run = c.get_run(short.info["run_id"])
     assert run.data.params == params
-    assert {a.path for a in c.list_artifacts(first.info["run_id"])} >= {"eval", "hf_model"}
+    assert run.data.tags["prefect.flow_run_id"] == "fr-short"
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"tokenize", "train", "evaluate"}
+    assert {i.dataset.digest for i in run.inputs.dataset_inputs} >= {tokens.fingerprint, short.fingerprint}
+    assert {a.path for a in c.list_artifacts(short.info["run_id"])} >= {"eval", "hf_model", "lineage"}
+
+    rows = registry.list_versions(c, name)
+    assert [(r.version, r.aliases) for r in rows] == [
+        ("4", ["champion"]), ("3", ["challenger"]), ("2", []), ("1", ["previous-champion"])]
+    assert registry.rollback(c, name) == ("4", "1")
+    assert registry.alias_version(c, name, "champion") == "1"
+    assert registry.alias_version(c, name, "previous-champion") is None
+    assert c.get_model_version(name, "4").tags["gate.decision"] == "rolled-back"
+    with pytest.raises(ValueError, match="no 'previous-champion'"):
+        registry.rollback(c, name)
+    assert registry.promote(c, name, "3") == "1"
+    assert registry.alias_version(c, name, "challenger") is None  # the promoted challenger loses it
+
     # Losing the stage directory (or a retry after a partial failure) must not register twice.
     shutil.rmtree(better.path)
-    again = run_register(cfg, _evaluation_for(better, ws, model_dir), [], params, str(ws))
-    assert again.info["version"] == "3" and again.info["alias"] == "champion"
-    assert len(c.search_model_versions("name = 'neo-test'")) == 3
-
-
-def _evaluation_for(result: StageResult, ws, model_dir) -> StageResult:
-    """The same evaluation input that produced `result` (same fingerprint, same run)."""
-    d = ws / "eval-c"
-    return StageResult(stage="evaluate", fingerprint=f"{'c':0<16}", path=str(d),
-                       info={"metrics": {"val_bpb": 1.2}, "run_id": result.info["run_id"],
-                             "model_dir": str(model_dir), "samples_path": str(d / "samples.json")})
+    again = reg(longer, "longer2")
+    assert again.info["version"] == "4" and again.counts["registered"] == 0
+    assert len(c.search_model_versions(f"name = '{name}'")) == 4
