@@ -1,90 +1,43 @@
-"""Clean: repair broken Unicode without touching source code, normalize, reject unusable documents.
+"""Clean: repair broken Unicode, normalize, and reject low-quality documents by per-source profile.
 
 Each raw shard becomes `docs-NNNNN.parquet` (id, text, source) plus a ledger
-`rejected/rejected-NNNNN.parquet` (id, source, reason, n_chars) with one row per rejected document.
-ftfy runs only on lines it judges broken (mojibake such as "cafÃ©"), and with the fixes that would
-rewrite intact source code (quote uncurling, width folding, ligatures, HTML entities, escapes,
-line breaks) switched off, so a Python file comes out with the same AST.
+`rejected/rejected-NNNNN.parquet` (id, source, reason, value, n_chars, profile): one row per rejected
+document with the measured value that failed its rule (`tasks/filters.py`). ftfy runs only on lines
+its badness check flags, with the fixes that would rewrite intact source code switched off; control
+characters and trailing blanks go; a Python file that parsed before cleaning keeps its AST or is
+left as it was.
+
+Shards are cleaned independently in worker processes (`tasks/shards.py`); each shard's output is
+stored under a fingerprint of its own input shard's sha256, the config and the code, then linked
+into the stage directory. So when the corpus grows, only new shards are cleaned.
 """
 from __future__ import annotations
 
-import contextlib
+import os
+import shutil
 import time
-import unicodedata
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import ftfy
-import pyarrow as pa
-import pyarrow.parquet as pq
-from ftfy.badness import is_bad
 from prefect import get_run_logger
 
 from tasks.config import CleanConfig
-from tasks.download import read_shard
+from tasks.filters import fixer_config, reasons_for, repair  # noqa: F401  (re-exported)
 from tasks.prefect_stage import report, stage_task
-from tasks.stage import (StageResult, atomic_path, check_accounting, code_version, file_entry,
-                         fingerprint, prepare_dir, read_manifest, result_from_manifest, stage_dir,
+from tasks.shards import (DOC_COLUMNS, DOC_SCHEMA, REJECT_SCHEMA, ParquetSink,  # noqa: F401
+                          clean_shard, iter_parquet_rows, pool_map)
+from tasks.stage import (StageResult, check_accounting, code_version, file_entry, fingerprint,
+                         prepare_dir, read_manifest, result_from_manifest, stable_hash, stage_dir,
                          write_manifest)
 
 STAGE = "clean"
-VERSION = 1
+VERSION = 2
+INFO_KEYS = ("repaired", "ast_reverted", "lines_removed", "profiles", "shards_run", "shards_reused",
+             "timings")
 
-REASONS = ("empty", "too_short", "too_long")
-DOC_COLUMNS = ("id", "text", "source")
-DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string())])
-REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string()),
-                           ("n_chars", pa.int64())])
-FLUSH_ROWS = 2048
-FLUSH_CHARS = 32_000_000
-"""A Parquet row group is written when either bound is reached: bounded memory for any corpus."""
-READ_BATCH_ROWS = 256
-
-
-# ---------------------------------------------------------------------------- Parquet helpers
-
-
-class ParquetSink:
-    """Rows into one zstd Parquet file in bounded batches, under a temporary name until closed."""
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path, self.schema, self.rows = Path(path), schema, 0
-        self._columns: dict[str, list] = {name: [] for name in schema.names}
-        self._chars = 0
-
-    def __enter__(self) -> ParquetSink:
-        self._stack = contextlib.ExitStack()
-        tmp = self._stack.enter_context(atomic_path(self.path))
-        self._writer = self._stack.enter_context(pq.ParquetWriter(tmp, self.schema, compression="zstd"))
-        return self
-
-    def add(self, **row: Any) -> None:
-        for name, values in self._columns.items():
-            value = row[name]
-            values.append(value)
-            if isinstance(value, str):
-                self._chars += len(value)
-        self.rows += 1
-        if len(self._columns[self.schema.names[0]]) >= FLUSH_ROWS or self._chars >= FLUSH_CHARS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._columns[self.schema.names[0]]:
-            self._writer.write_table(pa.table(self._columns, schema=self.schema))
-            self._columns = {name: [] for name in self.schema.names}
-            self._chars = 0
-
-    def __exit__(self, *exc: Any) -> bool | None:
-        if exc[0] is None:
-            self._flush()
-        return self._stack.__exit__(*exc)
-
-
-def iter_parquet_rows(path: Path, columns: Sequence[str] = DOC_COLUMNS) -> Iterator[dict[str, Any]]:
-    """Rows of one Parquet file as dicts, read in small batches."""
-    with pq.ParquetFile(path) as pf:
-        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=list(columns)):
-            yield from batch.to_pylist()
+Mapper = Callable[[Callable[..., Any], list[tuple]], list[Any]]
+"""How per-shard units run: `mapper(fn, jobs) -> [fn(*job) for job in jobs]`, in any order of
+execution (a process pool by default, Prefect tasks on Dask in `flows/data.py`)."""
 
 
 def iter_parquet_docs(directory: Path, columns: Sequence[str] = DOC_COLUMNS) -> Iterator[dict[str, Any]]:
@@ -93,60 +46,39 @@ def iter_parquet_docs(directory: Path, columns: Sequence[str] = DOC_COLUMNS) -> 
         yield from iter_parquet_rows(path, columns)
 
 
-def upstream_files(upstream: StageResult, prefix: str) -> list[Path]:
-    """Files of a complete upstream stage whose manifest path starts with `prefix`, in order."""
+def upstream_entries(upstream: StageResult, prefix: str) -> list[tuple[Path, str]]:
+    """(path, sha256) of a complete upstream stage's files whose path starts with `prefix`."""
     directory = Path(upstream.path)
     manifest = read_manifest(directory)
     if manifest is None or manifest.get("fingerprint") != upstream.fingerprint:
         raise RuntimeError(f"{upstream.stage} output {directory} is incomplete or not the one "
                            f"fingerprinted {upstream.fingerprint}; rerun the {upstream.stage} stage")
-    return sorted(directory / f["path"] for f in manifest["files"] if f["path"].startswith(prefix))
+    return sorted((directory / f["path"], f["sha256"]) for f in manifest["files"]
+                  if f["path"].startswith(prefix))
 
 
-# ---------------------------------------------------------------------------- cleaning
+def upstream_files(upstream: StageResult, prefix: str) -> list[Path]:
+    """Files of a complete upstream stage whose manifest path starts with `prefix`, in order."""
+    return [path for path, _ in upstream_entries(upstream, prefix)]
 
 
-def fixer_config(cfg: CleanConfig) -> ftfy.TextFixerConfig:
-    """ftfy's mojibake repair, minus every fix that would rewrite intact source code."""
-    return ftfy.TextFixerConfig(
-        unescape_html=False,  # `&amp;` in code or docs is meant literally
-        remove_terminal_escapes=False, uncurl_quotes=False, fix_latin_ligatures=False,
-        fix_character_width=False, fix_line_breaks=False,
-        normalization=None if cfg.normalization == "none" else cfg.normalization,
-        explain=False)
+def link(src: Path, dst: Path) -> None:
+    """Hard-link an immutable unit output into a stage directory (copy across filesystems)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
-def _needs_fix(line: str) -> bool:
-    # Mojibake always involves non-ASCII characters; str.isascii is C-fast while ftfy's badness
-    # regex reads ~1 MB/s, so only non-ASCII lines pay for it.
-    return not line.isascii() and is_bad(line)
-
-
-def repair(text: str, fixer: ftfy.TextFixerConfig) -> str:
-    """Fix the lines ftfy judges broken; leave every other line byte for byte; then normalize."""
-    if not text.isascii():
-        text = "".join(ftfy.fix_text(line, fixer) if _needs_fix(line) else line
-                       for line in text.splitlines(keepends=True))
-    form = fixer.normalization
-    if form and not unicodedata.is_normalized(form, text):
-        text = unicodedata.normalize(form, text)
-    return text
-
-
-def rejection(text: str, cfg: CleanConfig) -> str | None:
-    """Why a (repaired) document is rejected, or None to keep it."""
-    if not text.strip():
-        return "empty"
-    if len(text) < cfg.min_chars:
-        return "too_short"
-    if len(text) > cfg.max_chars:
-        return "too_long"
-    return None
+def config_key(cfg: Any) -> dict:
+    """What of a config section decides the output: everything except the worker count."""
+    return cfg.model_dump(mode="json", exclude={"workers"})
 
 
 def _plan(cfg: CleanConfig, upstream: StageResult, workspace: str) -> tuple[str, Path, str]:
     code = code_version(__name__, VERSION)
-    fp = fingerprint(STAGE, cfg, [upstream.fingerprint], code)
+    fp = fingerprint(STAGE, config_key(cfg), [upstream.fingerprint], code)
     return fp, stage_dir(workspace, STAGE, fp), code
 
 
@@ -154,53 +86,93 @@ def plan(cfg: CleanConfig, upstream: StageResult, workspace: str) -> tuple[str, 
     return _plan(cfg, upstream, workspace)[:2]
 
 
-def run_clean(cfg: CleanConfig, upstream: StageResult, workspace: str) -> StageResult:
-    """Clean every raw shard of `upstream` into Parquet documents plus a rejection ledger."""
-    started = time.time()
+def active_reasons(cfg: CleanConfig) -> tuple[str, ...]:
+    return reasons_for([cfg.default_profile, *cfg.profiles.values()])
+
+
+def shard_jobs(cfg: CleanConfig, upstream: StageResult, workspace: str) -> list[tuple]:
+    """One `clean_shard` job per raw shard, each with its own content-addressed output directory."""
+    code = code_version(__name__, VERSION)
+    reasons = active_reasons(cfg)
+    jobs = []
+    for path, sha in upstream_entries(upstream, "shard-"):
+        unit = stable_hash({"config": config_key(cfg), "code": code, "input": sha})
+        jobs.append((cfg, str(path), str(Path(workspace) / STAGE / "shards" / unit), reasons))
+    return jobs
+
+
+def assemble(cfg: CleanConfig, upstream: StageResult, workspace: str, jobs: list[tuple],
+             summaries: list[dict], started: float) -> StageResult:
+    """Link unit outputs into the stage directory, check the accounting, write the manifest."""
     fp, directory, code = _plan(cfg, upstream, workspace)
     if (manifest := read_manifest(directory)) is not None:
-        return result_from_manifest(directory, manifest, reused=True, info_keys=("repaired",))
-    shards = upstream_files(upstream, "shard-")
+        return result_from_manifest(directory, manifest, reused=True, info_keys=INFO_KEYS)
     prepare_dir(directory)
-
-    fixer = fixer_config(cfg)
-    counts = {"docs_in": 0, "kept": 0, **{f"rejected:{r}": 0 for r in REASONS}}
-    repaired, entries = 0, []
-    for i, shard in enumerate(shards):
-        with ParquetSink(directory / f"docs-{i:05d}.parquet", DOC_SCHEMA) as docs, \
-                ParquetSink(directory / "rejected" / f"rejected-{i:05d}.parquet", REJECT_SCHEMA) as rejected:
-            for doc in read_shard(shard):
-                counts["docs_in"] += 1
-                text = repair(doc["text"], fixer)
-                repaired += text != doc["text"]
-                reason = rejection(text, cfg)
-                if reason is None:
-                    docs.add(id=doc["id"], text=text, source=doc["source"])
-                    counts["kept"] += 1
-                else:
-                    rejected.add(id=doc["id"], source=doc["source"], reason=reason, n_chars=len(text))
-                    counts[f"rejected:{reason}"] += 1
-        entries += [file_entry(docs.path, directory, rows=docs.rows),
-                    file_entry(rejected.path, directory, rows=rejected.rows)]
-
-    check_accounting(counts, counts["docs_in"], ["kept", *(f"rejected:{r}" for r in REASONS)],
+    reasons = active_reasons(cfg)
+    counts = {"docs_in": 0, "kept": 0, **{f"rejected:{r}": 0 for r in reasons}}
+    info: dict[str, Any] = {"repaired": 0, "ast_reverted": 0, "lines_removed": 0, "profiles": {},
+                            "shards_run": 0, "shards_reused": 0}
+    entries, unit_seconds = [], 0.0
+    for i, (job, summary) in enumerate(zip(jobs, summaries)):
+        for key, value in summary["counts"].items():
+            counts[key] += value
+        for key in ("repaired", "ast_reverted", "lines_removed"):
+            info[key] += summary[key]
+        for name, n in summary["profiles"].items():
+            info["profiles"][name] = info["profiles"].get(name, 0) + n
+        info["shards_reused" if summary["reused"] else "shards_run"] += 1
+        unit_seconds += 0.0 if summary["reused"] else summary["seconds"]
+        unit = Path(job[2])
+        docs, rejected = directory / f"docs-{i:05d}.parquet", directory / "rejected" / f"rejected-{i:05d}.parquet"
+        link(unit / "docs.parquet", docs)
+        link(unit / "rejected.parquet", rejected)
+        entries += [file_entry(docs, directory, rows=summary["counts"]["kept"]),
+                    file_entry(rejected, directory, rows=summary["counts"]["docs_in"] - summary["counts"]["kept"])]
+    check_accounting(counts, counts["docs_in"], ["kept", *(f"rejected:{r}" for r in reasons)],
                      f"clean {directory}")
+    info["timings"] = {"clean_shards_cpu_s": round(unit_seconds, 3),
+                       "wall_s": round(time.time() - started, 3)}
     manifest = write_manifest(directory, stage=STAGE, fp=fp, code=code, config=cfg,
                               inputs=[upstream.fingerprint], counts=counts, files=entries,
-                              started=started, repaired=repaired)
-    return result_from_manifest(directory, manifest, reused=False, info_keys=("repaired",))
+                              started=started, **info)
+    return result_from_manifest(directory, manifest, reused=False, info_keys=INFO_KEYS)
+
+
+def run_clean(cfg: CleanConfig, upstream: StageResult, workspace: str,
+              mapper: Mapper | None = None) -> StageResult:
+    """Clean every raw shard of `upstream` into Parquet documents plus a rejection ledger."""
+    started = time.time()
+    _, directory, _ = _plan(cfg, upstream, workspace)
+    if (manifest := read_manifest(directory)) is not None:
+        return result_from_manifest(directory, manifest, reused=True, info_keys=INFO_KEYS)
+    jobs = shard_jobs(cfg, upstream, workspace)
+    mapper = mapper or (lambda fn, js: pool_map(fn, js, cfg.workers))
+    summaries = mapper(clean_shard, jobs)
+    return assemble(cfg, upstream, workspace, jobs, summaries, started)
+
+
+def report_lines(result: StageResult) -> list[str]:
+    c, info = result.counts, result.info
+    kept_rate = c["kept"] / c["docs_in"] if c["docs_in"] else 0.0
+    rows = [f"| {k.split(':', 1)[1]} | {v:,} |" for k, v in c.items() if k.startswith("rejected:") and v]
+    return [f"- kept: {kept_rate:.1%} of documents",
+            f"- repaired by ftfy or normalization: {info.get('repaired', 0)}; Python files left as "
+            f"they were to keep their AST: {info.get('ast_reverted', 0)}; C4 lines removed: "
+            f"{info.get('lines_removed', 0)}",
+            f"- documents per profile: {info.get('profiles', {})}",
+            f"- shards cleaned: {info.get('shards_run', 0)}, reused: {info.get('shards_reused', 0)}",
+            f"- time per sub-step: {info.get('timings', {})}",
+            f"- rejection ledger: `{Path(result.path) / 'rejected'}`",
+            "", "| rejected because | documents |", "|---|---|", *(rows or ["| (none) | 0 |"])]
 
 
 @stage_task(STAGE, plan)
 def clean(cfg: CleanConfig, upstream: StageResult, workspace: str) -> StageResult:
-    """Repair Unicode and reject empty, too short and too long documents, with a ledger."""
+    """Repair Unicode, normalize, and reject documents by per-source quality rules, with a ledger."""
     result = run_clean(cfg, upstream, workspace)
     c = result.counts
-    rejected = {r: c.get(f"rejected:{r}", 0) for r in REASONS}
+    rejected = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("rejected:") and v}
     get_run_logger().info(f"clean: {c['docs_in']} docs in, {c['kept']} kept, rejected {rejected}, "
                           f"{result.info.get('repaired', 0)} repaired -> {result.path}")
-    kept_rate = c["kept"] / c["docs_in"] if c["docs_in"] else 0.0
-    report(STAGE, result, [f"- kept: {kept_rate:.1%} of documents",
-                           f"- repaired by ftfy or normalization: {result.info.get('repaired', 0)}",
-                           f"- rejection ledger: `{Path(result.path) / 'rejected'}`"])
+    report(STAGE, result, report_lines(result))
     return result

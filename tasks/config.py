@@ -325,6 +325,46 @@ class TrainConfig(Section):
     """torch CPU threads (None = torch default)."""
     experiment: str = "neo-pipeline"
     """MLflow experiment the training run is recorded in."""
+    micro_batch_size: int | None = Field(default=None, gt=0)
+    """Rows per forward/backward on one process; `batch_size` must be a multiple of
+    micro_batch_size * nproc (gradient accumulation fills the rest). None = batch_size / nproc."""
+    batch_tokens: int | None = Field(default=None, gt=0)
+    """Target batch in tokens per optimizer step; when set it replaces `batch_size` (rounded up to
+    whole rows of seq_len tokens)."""
+    max_tokens: int | None = Field(default=None, gt=0)
+    """Training length in target tokens; when set it replaces `max_steps`."""
+    z_loss: float = Field(default=0.0, ge=0)
+    """Weight of the z-loss (logsumexp(logits)^2, PaLM); 0 = off."""
+    compile: bool = False
+    """Run the model through torch.compile."""
+    val_every: int = Field(default=0, ge=0)
+    """Compute validation loss every M steps (and at the end); 0 = never during training."""
+    val_batches: int = Field(default=4, gt=0)
+    """Micro-batches of the val split per validation."""
+    keep_last: int = Field(default=2, gt=0)
+    """Checkpoints kept (plus the one with the best validation loss)."""
+    nan_tolerance: int = Field(default=3, gt=0)
+    """Consecutive steps with a non-finite loss or gradient (skipped) before the run stops."""
+    init_from: str = "scratch"
+    """Where the weights start: scratch, a checkpoint directory of an earlier run, an MLflow model
+    (models:/NAME@alias or models:/NAME/VERSION) or a Hugging Face GPT-Neo directory; the optimizer
+    starts fresh in all but scratch-and-resume."""
+    nproc: int = Field(default=1, gt=0)
+    """Processes (torchrun --nproc_per_node) the training runs in; >1 uses DDP."""
+    peak_flops: float | None = Field(default=None, gt=0)
+    """Peak FLOP/s of one device for MFU; None = looked up for known GPUs, no MFU on CPU."""
+    in_process: bool = False
+    """Train inside the calling process instead of a subprocess (tests, debugging; nproc must be 1)."""
+
+    @model_validator(mode="after")
+    def _train_shape(self) -> TrainConfig:
+        if self.in_process and self.nproc != 1:
+            raise ValueError("train.in_process needs train.nproc = 1")
+        if self.micro_batch_size is not None and self.batch_tokens is None \
+                and self.batch_size % (self.micro_batch_size * self.nproc):
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of "
+                             f"micro_batch_size * nproc ({self.micro_batch_size} * {self.nproc})")
+        return self
 
 
 class EvalTaskConfig(Section):

@@ -75,9 +75,17 @@ def _run(cfg, ws):
 
 def _stage_names(flow_run_id) -> dict[str, str]:
     """Stage -> final state name, from the task run names (`<stage>-<fingerprint>`)."""
+    import time
+
+    deadline = time.time() + 30
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}, {r.name.rsplit("-", 1)[0]: r for r in runs}
+        while True:  # task-run states are written asynchronously: wait until every run has one
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.time() > deadline:
+                break
+            time.sleep(0.2)
+    return ({r.name.rsplit("-", 1)[0]: r.state.name if r.state else None for r in runs},
+            {r.name.rsplit("-", 1)[0]: r for r in runs})
 
 
 @pytest.fixture(scope="module")

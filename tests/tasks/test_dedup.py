@@ -1,109 +1,160 @@
-"""Dedup stage: exact duplicates by normalized-text hash, first occurrence kept, ledger, reuse."""
+"""Dedup stage: exact and near duplicates on a planted corpus, stable kept copy, ledger, resume."""
 import hashlib
+import random
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.clean import iter_parquet_docs, run_clean
-from tasks.config import CleanConfig, CorpusConfig, DedupConfig
+from planted_corpus import jaccard, planted, write_clean_upstream
+from tasks.clean import iter_parquet_docs
+from tasks.config import DedupConfig
 from tasks.dedup import plan, run_dedup, text_key
-from tasks.download import run_download
-from tasks.stage import MANIFEST, StageResult, read_manifest, sha256_file
+from tasks.shards import pool_map
+from tasks.stage import MANIFEST, read_manifest, sha256_file
 
-TEXTS = {
-    "a.txt": "hello world\n",      # first of its cluster: kept
-    "b.txt": "hello world\n",      # exact copy of a
-    "c.txt": "  hello \t world",   # a with other whitespace
-    "d.txt": "Hello World\n",      # a with other case
-    "e.txt": "something else entirely\n",
-}
+CFG = DedupConfig(workers=1)
 
 
 @pytest.fixture(scope="module")
-def cleaned(tmp_path_factory) -> StageResult:
-    root = tmp_path_factory.mktemp("dedup")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name, text in TEXTS.items():
-        (corpus / name).write_text(text)
-    ws = str(root / "ws")
-    # shard_bytes=1: one document per shard, so duplicates sit in later shards than their originals.
-    raw = run_download(CorpusConfig(sources=[str(corpus)], max_bytes=None, shard_bytes=1), ws)
-    return run_clean(CleanConfig(min_chars=1, max_chars=100), raw, ws)
+def corpus():
+    return planted(seed=3)
 
 
-def _name(doc_id: str) -> str:
-    return doc_id.rsplit(":", 1)[1]
+@pytest.fixture(scope="module")
+def cleaned(corpus, tmp_path_factory):
+    return write_clean_upstream(corpus[0], tmp_path_factory.mktemp("dedup"), per_shard=90)
 
 
-def _ledger(result: StageResult) -> list[dict]:
+@pytest.fixture(scope="module")
+def result(cleaned, tmp_path_factory):
+    return run_dedup(CFG, cleaned, str(tmp_path_factory.mktemp("ws")))
+
+
+def _ledger(result) -> list[dict]:
     return pq.read_table(sorted(Path(result.path).glob("duplicates/duplicates-*.parquet"))).to_pylist()
 
 
+def _output_hashes(result) -> list[str]:
+    return [f["sha256"] for f in read_manifest(Path(result.path))["files"]]
+
+
 def test_text_key_normalization():
-    cfg = DedupConfig()
-    assert text_key("hello world\n", cfg) == text_key("  hello \t world", cfg) \
-        == hashlib.sha256(b"hello world").digest()
-    assert text_key("Hello World", cfg) != text_key("hello world", cfg)
-    assert text_key("Hello World", DedupConfig(lowercase=True)) == text_key("hello world", cfg)
-    assert text_key("hello  world", DedupConfig(normalize_whitespace=False)) != text_key("hello world", cfg)
+    assert text_key("hello world\n", CFG) == text_key("  hello \t world", CFG)
+    assert text_key("Hello World", CFG) != text_key("hello world", CFG)
+    assert text_key("Hello World", DedupConfig(lowercase=True)) == text_key("hello world", CFG)
+    assert text_key("hello  world", DedupConfig(normalize_whitespace=False)) != text_key("hello world", CFG)
 
 
-def test_first_occurrence_kept_and_ledger_points_to_it(cleaned, tmp_path):
-    result = run_dedup(DedupConfig(), cleaned, str(tmp_path))
-    assert result.counts == {"docs_in": 5, "kept": 3, "duplicates": 2}
-    assert result.info["clusters"] == 1
-    kept = [_name(d["id"]) for d in iter_parquet_docs(Path(result.path))]
-    assert kept == ["a.txt", "d.txt", "e.txt"]
-    ledger = _ledger(result)
-    cluster = hashlib.sha256(b"hello world").hexdigest()
-    assert [(_name(r["id"]), _name(r["duplicate_of"]), r["cluster"]) for r in ledger] == [
-        ("b.txt", "a.txt", cluster), ("c.txt", "a.txt", cluster)]
-    # Kept documents are unchanged copies of their input rows.
-    inputs = {d["id"]: d for d in iter_parquet_docs(Path(cleaned.path))}
-    assert all(inputs[d["id"]] == d for d in iter_parquet_docs(Path(result.path)))
+def test_recall_and_false_removals_on_planted_pairs(corpus, result):
+    docs, truth = corpus
+    removed = {r["id"]: r for r in _ledger(result)}
+    high = [i for i, (_, j, _) in truth.items() if j >= 0.9]
+    recall = sum(i in removed for i in high) / len(high)
+    assert len(high) >= 80 and recall >= 0.95
+    distinct = [d["id"] for d in docs if d["id"].startswith("base-")]
+    false = [i for i in removed if i not in truth]
+    assert len(false) <= 0.005 * len(distinct)
+    # every planted exact copy is found as exact, and points at its original
+    for i, (orig, _, kind) in truth.items():
+        if kind == "exact":
+            assert removed[i]["kind"] == "exact" and removed[i]["duplicate_of"] == orig
 
 
-def test_config_changes_what_counts_as_duplicate(cleaned, tmp_path):
-    lower = run_dedup(DedupConfig(lowercase=True), cleaned, str(tmp_path))
-    assert lower.counts == {"docs_in": 5, "kept": 2, "duplicates": 3}
-    assert {_name(r["id"]) for r in _ledger(lower)} == {"b.txt", "c.txt", "d.txt"}
-    exact = run_dedup(DedupConfig(normalize_whitespace=False), cleaned, str(tmp_path))
-    assert exact.counts == {"docs_in": 5, "kept": 4, "duplicates": 1}
-    assert [_name(r["id"]) for r in _ledger(exact)] == ["b.txt"]
-    assert len({lower.fingerprint, exact.fingerprint}) == 2
-
-
-def test_one_output_and_ledger_per_input_shard(cleaned, tmp_path):
-    result = run_dedup(DedupConfig(), cleaned, str(tmp_path))
-    directory = Path(result.path)
-    manifest = read_manifest(directory)
-    rows = {f["path"]: f["rows"] for f in manifest["files"]}
-    assert rows == {**{f"docs-{i:05d}.parquet": int(i in (0, 3, 4)) for i in range(5)},
-                    **{f"duplicates/duplicates-{i:05d}.parquet": int(i in (1, 2)) for i in range(5)}}
-    for f in manifest["files"]:
-        assert sha256_file(directory / f["path"]) == f["sha256"]
+def test_kept_copy_is_earliest_and_ledger_is_consistent(corpus, result):
+    docs, _ = corpus
+    order = {d["id"]: k for k, d in enumerate(docs)}
+    text = {d["id"]: d["text"] for d in docs}
+    kept = {d["id"] for d in iter_parquet_docs(Path(result.path), columns=("id",))}
+    for row in _ledger(result):
+        assert row["duplicate_of"] in kept and row["id"] not in kept
+        assert order[row["cluster"]] <= order[row["duplicate_of"]] < order[row["id"]]
+        if row["kind"] == "near":  # verified: the signature estimate passed the threshold
+            assert row["similarity"] >= CFG.threshold and jaccard(text[row["id"]], text[row["duplicate_of"]]) > 0.5
     c = result.counts
-    assert c["docs_in"] == c["kept"] + c["duplicates"] == cleaned.counts["kept"]
+    assert c["docs_in"] == len(docs) == c["kept"] + c["duplicates"] == len(kept) + len(_ledger(result))
+    assert result.info["exact"] + result.info["near"] == c["duplicates"]
+    assert sum(result.info["cluster_sizes"].values()) == result.info["clusters"] > 0
 
 
-def test_deterministic_across_runs(cleaned, tmp_path):
-    one = run_dedup(DedupConfig(), cleaned, str(tmp_path / "ws1"))
-    two = run_dedup(DedupConfig(), cleaned, str(tmp_path / "ws2"))
-    assert ([f["sha256"] for f in read_manifest(Path(one.path))["files"]]
-            == [f["sha256"] for f in read_manifest(Path(two.path))["files"]])
+def test_same_output_for_1_or_3_workers_and_any_shard_order(cleaned, result, tmp_path):
+    three = run_dedup(DedupConfig(workers=3), cleaned, str(tmp_path / "w3"))
+
+    def shuffled(fn, jobs):  # run shard units in a random order, hand results back in job order
+        idx = list(range(len(jobs)))
+        random.Random(5).shuffle(idx)
+        done = dict(zip(idx, pool_map(fn, [jobs[i] for i in idx], 1)))
+        return [done[i] for i in range(len(jobs))]
+
+    shuffled_run = run_dedup(CFG, cleaned, str(tmp_path / "shuffled"), mapper=shuffled)
+    assert _output_hashes(three) == _output_hashes(shuffled_run) == _output_hashes(result)
+    assert three.fingerprint == result.fingerprint  # the worker count is not part of it
 
 
-def test_rerun_reuses_and_partial_directory_is_rebuilt(cleaned, tmp_path):
+def test_verification_reduces_merges(cleaned, result, tmp_path):
+    loose = run_dedup(DedupConfig(workers=1, verify=False), cleaned, str(tmp_path))
+    assert loose.info["verified"] == loose.info["candidates"] >= result.info["candidates"]
+    assert result.info["verified"] < result.info["candidates"]
+    assert loose.counts["duplicates"] >= result.counts["duplicates"]
+
+
+def test_exact_only_mode_keeps_near_duplicates(cleaned, corpus, tmp_path):
+    exact = run_dedup(DedupConfig(workers=1, near=False), cleaned, str(tmp_path))
+    assert exact.counts["duplicates"] == sum(k == "exact" for _, _, k in corpus[1].values())
+
+
+def test_grown_corpus_reuses_old_shards_and_keeps_kept_documents(corpus, tmp_path):
+    docs, _ = corpus
+    old = write_clean_upstream(docs[:360], tmp_path / "old", per_shard=90)
+    grown = write_clean_upstream(docs, tmp_path / "grown", per_shard=90)
+    for i in range(4):  # the first four shards hold the same documents, byte for byte
+        assert sha256_file(Path(old.path) / f"docs-{i:05d}.parquet") == sha256_file(
+            Path(grown.path) / f"docs-{i:05d}.parquet")
+    ws = str(tmp_path / "ws")
+    first = run_dedup(CFG, old, ws)
+    second = run_dedup(CFG, grown, ws)
+    assert second.info["shards_reused"] >= 4
+    kept_before = {d["id"] for d in iter_parquet_docs(Path(first.path), columns=("id",))}
+    kept_after = {d["id"] for d in iter_parquet_docs(Path(second.path), columns=("id",))}
+    assert kept_before <= kept_after
+
+
+def test_one_output_and_ledger_per_input_shard_and_resume(cleaned, tmp_path):
     ws = str(tmp_path)
-    _, directory = plan(DedupConfig(), cleaned, ws)
+    _, directory = plan(CFG, cleaned, ws)
     (directory / "duplicates").mkdir(parents=True)
     (directory / "duplicates" / "duplicates-00001.parquet").write_bytes(b"crashed mid-write")
-    first = run_dedup(DedupConfig(), cleaned, ws)
+    first = run_dedup(CFG, cleaned, ws)
     assert not first.reused
-    assert pq.ParquetFile(directory / "duplicates" / "duplicates-00001.parquet").metadata.num_rows == 1
+    manifest = read_manifest(directory)
+    n_shards = len(list(Path(cleaned.path).glob("docs-*.parquet")))
+    assert sorted(f["path"] for f in manifest["files"]) == sorted(
+        [f"docs-{i:05d}.parquet" for i in range(n_shards)]
+        + [f"duplicates/duplicates-{i:05d}.parquet" for i in range(n_shards)])
+    for f in manifest["files"]:
+        assert sha256_file(directory / f["path"]) == f["sha256"]
+        assert pq.ParquetFile(directory / f["path"]).metadata.num_rows == f["rows"]
     before = (directory / MANIFEST).stat().st_mtime_ns
-    again = run_dedup(DedupConfig(), cleaned, ws)
+    again = run_dedup(CFG, cleaned, ws)
     assert again.reused and again.counts == first.counts
     assert (directory / MANIFEST).stat().st_mtime_ns == before
+
+
+def test_partial_signature_file_is_never_trusted(cleaned, result, tmp_path):
+    ws = tmp_path / "ws"
+    run_dedup(CFG, cleaned, str(ws))
+    units = sorted((ws / "dedup" / "signatures").iterdir())
+    with open(units[0] / "signatures.npy", "r+b") as f:  # a torn write: same name, fewer bytes
+        f.truncate(100)
+    shutil.rmtree(Path(plan(CFG, cleaned, str(ws))[1]))
+    rerun = run_dedup(CFG, cleaned, str(ws))
+    assert rerun.info["shards_reused"] == 2 * len(units) - 1
+    assert _output_hashes(rerun) == _output_hashes(result)
+
+
+def test_kept_documents_are_unchanged_rows(cleaned, result):
+    inputs = {d["id"]: d for d in iter_parquet_docs(Path(cleaned.path))}
+    out = list(iter_parquet_docs(Path(result.path)))
+    assert out and all(inputs[d["id"]] == d for d in out)
+    assert hashlib.sha256(b"".join(d["id"].encode() for d in out)).hexdigest()

@@ -1,24 +1,15 @@
 """Register stage and registry operations: the gate in all branches, lineage, idempotence, rollback."""
-import json
-import random
 import shutil
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+from registry_helpers import TEXTS, evaluation, make_tokens, trained
 
-import tasks.train as train_mod
 from neo_model import GPTNeo
 from tasks import registry, tracking
-from tasks.config import ModelConfig, RegistryConfig, TokenizerConfig, TrainConfig
+from tasks.config import RegistryConfig
 from tasks.register import run_register, text_bpb, validation_documents
 from tasks.stage import StageResult
-from tasks.tokenize import run_tokenize
-
-WORDS = "def return value index self import class for in if else None True print".split()
-_rng = random.Random(0)
-TEXTS = [" ".join(_rng.choice(WORDS) for _ in range(_rng.randint(40, 120))) for _ in range(80)]
 
 
 @pytest.fixture(scope="module")
@@ -28,44 +19,21 @@ def ws(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory, ws) -> StageResult:
-    docs_dir = tmp_path_factory.mktemp("dedup")
-    pq.write_table(pa.table({"id": [f"d{i}" for i in range(80)], "text": TEXTS, "source": ["t"] * 80}),
-                   docs_dir / "docs-00000.parquet")
-    upstream = StageResult(stage="dedup", fingerprint="d" * 16, path=str(docs_dir))
-    return run_tokenize(TokenizerConfig(vocab_size=300, seq_len=32, val_fraction=0.2), upstream, str(ws))
+    return make_tokens(tmp_path_factory.mktemp("dedup"), ws)
 
 
-def _trained(ws, tokens, steps: int) -> StageResult:
-    cfg = TrainConfig(max_steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5,
-                      checkpoint_every=1000, seed=1, device="cpu")
-    return train_mod.run_train(cfg, ModelConfig(preset="debug", overrides={"max_position_embeddings": 64}),
-                               tokens, str(ws), log=lambda m: None)
-
-
-def _uniform(ws, trained: StageResult) -> StageResult:
+def _uniform(ws, result: StageResult) -> StageResult:
     """A copy of a trained run whose model predicts the uniform distribution (all-zero embeddings)."""
-    model = GPTNeo.from_pretrained(trained.info["model_dir"])
+    model = GPTNeo.from_pretrained(result.info["model_dir"])
     with torch.no_grad():
         model.transformer.wte.weight.zero_()
     d = ws / "uniform-model"
     model.save_pretrained(d)
-    shutil.copy2(f"{trained.info['model_dir']}/tokenizer.json", d / "tokenizer.json")
+    shutil.copy2(f"{result.info['model_dir']}/tokenizer.json", d / "tokenizer.json")
     c = tracking.client(ws)
     run_id = c.create_run(tracking.experiment_id(c, "neo-pipeline", ws)).info.run_id
-    return trained.model_copy(update={"fingerprint": "u" * 16,
-                                      "info": {**trained.info, "model_dir": str(d), "run_id": run_id}})
-
-
-def _evaluation(ws, trained: StageResult, tag: str, bpb: float) -> StageResult:
-    d = ws / f"eval-{tag}"
-    d.mkdir(exist_ok=True)
-    (d / "manifest.json").write_text(json.dumps({"stage": "evaluate", "code_version": "v1-x"}))
-    (d / "samples.json").write_text(json.dumps([{"prompt": "def", "completion": " f"}]))
-    metrics = {"val_bpb": bpb, "val_ppl": 2.0, "unigram_val_bpb": 3.0}
-    tracking.log_metrics(tracking.client(ws), trained.info["run_id"], metrics)
-    return StageResult(stage="evaluate", fingerprint=f"{tag:e<16}", path=str(d),
-                       info={"metrics": metrics, "run_id": trained.info["run_id"],
-                             "model_dir": trained.info["model_dir"], "samples_path": str(d / "samples.json")})
+    return result.model_copy(update={"fingerprint": "u" * 16,
+                                     "info": {**result.info, "model_dir": str(d), "run_id": run_id}})
 
 
 def test_validation_documents_are_the_val_text(tokens):
@@ -78,16 +46,16 @@ def test_gate_all_branches_and_rollback(ws, tokens):
     name = "neo-gate"
     cfg = RegistryConfig(model_name=name)
     params = {"train.lr": "0.003", "corpus.api_key": "***"}
-    short, longer = _trained(ws, tokens, 15), _trained(ws, tokens, 60)
+    short, longer = trained(ws, tokens, 15), trained(ws, tokens, 60)
     uniform = _uniform(ws, short)
     docs = validation_documents(tokens.path, cfg.gate_max_bytes)
     bpb = {k: text_bpb(r.info["model_dir"], docs) for k, r in
            {"short": short, "longer": longer, "uniform": uniform}.items()}
     assert bpb["longer"] < bpb["short"] < bpb["uniform"]
 
-    def reg(trained, tag, registry_cfg=cfg):
-        return run_register(registry_cfg, _evaluation(ws, trained, tag, bpb[tag.rstrip("2")]),
-                            [tokens, trained], params, str(ws), run_tags={"prefect.flow_run_id": f"fr-{tag}"})
+    def reg(result, tag, registry_cfg=cfg):
+        return run_register(registry_cfg, evaluation(ws, result, tag, bpb[tag.rstrip("2")]),
+                            [tokens, result], params, str(ws), run_tags={"prefect.flow_run_id": f"fr-{tag}"})
 
     first = reg(short, "short")  # no champion yet
     assert (first.info["version"], first.info["alias"]) == ("1", "champion")

@@ -1,0 +1,90 @@
+"""Flow `neo_data`: download -> clean -> dedup -> tokenize, with the per-shard work mapped over shards.
+
+Two ways to run the per-shard units (`tasks/shards.py`), with byte-identical output:
+- `runner="processes"` (default): clean and dedup are one cached stage task each, which runs its
+  shards in a local process pool. In embedded mode this is the fast choice: a process-based Prefect
+  task runner boots an ephemeral API server in every worker process (REFERENCE.md section 6).
+- `runner="dask"`: every shard unit is a Prefect task, mapped on a `DaskTaskRunner` (prefect-dask):
+  a cluster at `address`, or a local one. The global steps (linking, the LSH candidate search,
+  manifests) run in the flow.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+from prefect import flow, task
+
+from tasks import shards
+from tasks.clean import clean, report_lines as clean_report_lines, run_clean
+from tasks.config import PipelineConfig, default_workspace
+from tasks.dedup import dedup, report_lines as dedup_report_lines, run_dedup
+from tasks.download import download
+from tasks.prefect_stage import report
+from tasks.stage import StageResult
+from tasks.tokenize import tokenize
+
+Runner = Literal["processes", "dask"]
+
+
+@task(name="clean-shard", task_run_name="clean-shard-{out}")
+def clean_shard_task(cfg: Any, shard: str, out: str, reasons: tuple[str, ...]) -> dict:
+    """Clean one raw shard (reused when its output directory is complete)."""
+    return shards.clean_shard(cfg, shard, out, reasons)
+
+
+@task(name="signature-shard", task_run_name="signature-shard-{out}")
+def signature_shard_task(cfg: Any, docs: str, out: str) -> dict:
+    """Exact keys, MinHash signatures and band keys of one clean shard."""
+    return shards.signature_shard(cfg, docs, out)
+
+
+@task(name="dedup-write-shard", task_run_name="dedup-write-shard-{out}")
+def write_shard_task(docs: str, out: str, rows: list[int], ledger: list[dict]) -> dict:
+    """One clean shard minus its duplicates, plus its ledger."""
+    return shards.write_dedup_shard(docs, out, rows, ledger)
+
+
+UNIT_TASKS = {shards.clean_shard: clean_shard_task, shards.signature_shard: signature_shard_task,
+              shards.write_dedup_shard: write_shard_task}
+
+
+def prefect_mapper(fn: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
+    """Map the Prefect task wrapping `fn` over `jobs` on the flow's task runner; results in order."""
+    if not jobs:
+        return []
+    futures = UNIT_TASKS[fn].map(*(list(column) for column in zip(*jobs)))
+    return [f.result() for f in futures]
+
+
+@flow(name="neo_data", log_prints=True)
+def neo_data(config: PipelineConfig = PipelineConfig(), workspace: str | None = None,
+             per_shard_tasks: bool = False,
+             through: Literal["dedup", "tokenize"] = "tokenize") -> dict[str, StageResult]:
+    """Prepare training data: raw shards, cleaned, de-duplicated and tokenized."""
+    ws = workspace or str(default_workspace())
+    raw = download(config.corpus, ws)
+    if per_shard_tasks:
+        cleaned = run_clean(config.clean, raw, ws, mapper=prefect_mapper)
+        report("clean", cleaned, clean_report_lines(cleaned))
+        deduped = run_dedup(config.dedup, cleaned, ws, mapper=prefect_mapper)
+        report("dedup", deduped, dedup_report_lines(deduped))
+    else:
+        cleaned = clean(config.clean, raw, ws)
+        deduped = dedup(config.dedup, cleaned, ws)
+    stages = {"download": raw, "clean": cleaned, "dedup": deduped}
+    if through == "tokenize":
+        stages["tokenize"] = tokenize(config.tokenizer, deduped, ws)
+    return stages
+
+
+def run_data(config: PipelineConfig, workspace: str | None = None, runner: Runner = "processes",
+             address: str | None = None,
+             through: Literal["dedup", "tokenize"] = "tokenize") -> dict[str, StageResult]:
+    """Run `neo_data` with the chosen task runner (`address`: a Dask scheduler, else a local one)."""
+    if runner == "processes":
+        return neo_data(config, workspace, per_shard_tasks=False, through=through)
+    from prefect_dask import DaskTaskRunner
+
+    dask = DaskTaskRunner(address=address) if address else DaskTaskRunner()
+    return neo_data.with_options(task_runner=dask)(config, workspace, per_shard_tasks=True,
+                                                   through=through)

@@ -1,0 +1,252 @@
+"""Per-shard work units of the clean and dedup stages, run in worker processes.
+
+Each unit reads one input shard and writes one directory of outputs under a name derived from its
+input shard's content hash, config and code version, so a grown corpus only runs units for shards
+it has not seen. Files are written under temporary names and renamed; `shard.json` is written last
+and records the file sizes: a unit directory without it, or with a file of another size, is a
+partial run and is redone, never trusted. Nothing here imports Prefect (spawned workers start fast).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from tasks.config import CleanConfig, DedupConfig
+from tasks.filters import (c4_drop_lines, fixer_config, normalize_whitespace, profile_for, rejection,
+                           repair, same_python_ast)
+from tasks.minhash import (band_keys, exact_key, hash_params, oph_signatures, shingle_hashes_batch,
+                           signatures)
+from tasks.stage import atomic_path, write_json_atomic
+
+DOC_COLUMNS = ("id", "text", "source")
+DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string())])
+REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string()),
+                           ("value", pa.float64()), ("n_chars", pa.int64()), ("profile", pa.string())])
+DUPLICATE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()),
+                              ("duplicate_of", pa.string()), ("cluster", pa.string()),
+                              ("kind", pa.string()), ("similarity", pa.float64())])
+FLUSH_ROWS = 2048
+FLUSH_CHARS = 32_000_000
+"""A Parquet row group is written when either bound is reached: bounded memory for any corpus."""
+READ_BATCH_ROWS = 256
+DONE = "shard.json"
+
+
+# ---------------------------------------------------------------------------- Parquet helpers
+
+
+class ParquetSink:
+    """Rows into one zstd Parquet file in bounded batches, under a temporary name until closed."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema, self.rows = Path(path), schema, 0
+        self._columns: dict[str, list] = {name: [] for name in schema.names}
+        self._chars = 0
+
+    def __enter__(self) -> ParquetSink:
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self._writer = self._stack.enter_context(pq.ParquetWriter(tmp, self.schema, compression="zstd"))
+        return self
+
+    def add(self, **row: Any) -> None:
+        for name, values in self._columns.items():
+            value = row[name]
+            values.append(value)
+            if isinstance(value, str):
+                self._chars += len(value)
+        self.rows += 1
+        if len(self._columns[self.schema.names[0]]) >= FLUSH_ROWS or self._chars >= FLUSH_CHARS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._columns[self.schema.names[0]]:
+            self._writer.write_table(pa.Table.from_pydict(self._columns, schema=self.schema))
+            self._columns = {name: [] for name in self.schema.names}
+            self._chars = 0
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        if exc[0] is None:
+            self._flush()
+        return self._stack.__exit__(*exc)
+
+
+def iter_parquet_rows(path: Path, columns: Sequence[str] = DOC_COLUMNS) -> Iterator[dict[str, Any]]:
+    """Rows of one Parquet file as dicts, read in small batches."""
+    with pq.ParquetFile(path) as pf:
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=list(columns)):
+            yield from batch.to_pylist()
+
+
+# ---------------------------------------------------------------------------- unit directories
+
+
+def read_done(directory: Path) -> dict | None:
+    """The summary of a complete unit directory, or None (missing, partial or damaged)."""
+    path = Path(directory) / DONE
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for name, size in summary.get("bytes", {}).items():
+        p = Path(directory) / name
+        if not p.is_file() or p.stat().st_size != size:
+            return None
+    return summary
+
+
+def _start(directory: Path) -> None:
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+
+
+def _finish(directory: Path, summary: dict, names: Sequence[str]) -> dict:
+    summary["bytes"] = {n: (directory / n).stat().st_size for n in names}
+    write_json_atomic(directory / DONE, summary)
+    return summary
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """forkserver: workers fork from a clean server process that imported this module once, so
+    they start in milliseconds without inheriting the caller's threads (Prefect's event loop)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def pool_map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int | None) -> list[Any]:
+    """`[fn(*job) for job in jobs]`, in worker processes when more than one is useful."""
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers <= 1:
+        return [fn(*job) for job in jobs]
+    with ProcessPoolExecutor(workers, mp_context=_context()) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        return [f.result() for f in futures]
+
+
+def _npy(directory: Path, name: str, array: np.ndarray) -> None:
+    with atomic_path(directory / name) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+# ---------------------------------------------------------------------------- clean unit
+
+
+def read_raw_shard(path: Path) -> Iterator[dict[str, Any]]:
+    """Documents of one raw `shard-*.jsonl.zst` written by the download stage, streaming."""
+    with open(path, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as reader:
+        for line in io.TextIOWrapper(reader, encoding="utf-8", newline="\n"):
+            yield json.loads(line)
+
+
+def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) -> dict:
+    """Repair, normalize and filter one raw shard into `docs.parquet` + `rejected.parquet`."""
+    directory = Path(out)
+    if (done := read_done(directory)) is not None:
+        return {**done, "reused": True}
+    started = time.time()
+    _start(directory)
+    fixer = fixer_config(cfg)
+    counts = {"docs_in": 0, "kept": 0, **{f"rejected:{r}": 0 for r in reasons}}
+    drop_noise = cfg.prose_rules.c4_drop_noise_lines
+    stats = {"repaired": 0, "ast_reverted": 0, "lines_removed": 0}
+    profiles: dict[str, int] = {}
+    with ParquetSink(directory / "docs.parquet", DOC_SCHEMA) as docs, \
+            ParquetSink(directory / "rejected.parquet", REJECT_SCHEMA) as rejected:
+        for doc in read_raw_shard(Path(shard)):
+            counts["docs_in"] += 1
+            raw = doc["text"]
+            profile = profile_for(doc["id"], cfg)
+            profiles[profile] = profiles.get(profile, 0) + 1
+            text = repair(raw, fixer)
+            stats["repaired"] += text != raw
+            text = normalize_whitespace(text, profile)
+            if profile == "prose" and drop_noise:
+                text, dropped = c4_drop_lines(text)
+                stats["lines_removed"] += dropped
+            if text != raw and doc["id"].endswith((".py", ".pyi")) and not same_python_ast(raw, text):
+                text = raw  # cleaning must never change what a Python file means
+                stats["ast_reverted"] += 1
+            found = rejection(text, profile, cfg)
+            if found is None:
+                docs.add(id=doc["id"], text=text, source=doc["source"])
+                counts["kept"] += 1
+            else:
+                reason, value = found
+                rejected.add(id=doc["id"], source=doc["source"], reason=reason, value=float(value),
+                             n_chars=len(text), profile=profile)
+                counts[f"rejected:{reason}"] += 1
+    summary = {"counts": counts, **stats, "profiles": profiles, "seconds": time.time() - started}
+    return {**_finish(directory, summary, ["docs.parquet", "rejected.parquet"]), "reused": False}
+
+
+# ---------------------------------------------------------------------------- dedup units
+
+
+def signature_shard(cfg: DedupConfig, docs: str, out: str) -> dict:
+    """Exact keys, MinHash signatures and LSH band keys of one clean shard, as .npy files."""
+    directory = Path(out)
+    if (done := read_done(directory)) is not None:
+        return {**done, "reused": True}
+    started = time.time()
+    _start(directory)
+    texts = pq.read_table(docs, columns=["text"]).column("text").to_pylist()
+    exact = np.frombuffer(b"".join(exact_key(t, cfg.normalize_whitespace, cfg.lowercase)
+                                   for t in texts), dtype=np.uint64).reshape(len(texts), 2)
+    num_perm = cfg.bands * cfg.rows
+    if cfg.near:
+        shingles = shingle_hashes_batch(texts, cfg.ngram)
+        if cfg.method == "oph":
+            sig = oph_signatures(shingles, num_perm, cfg.seed)
+        else:
+            sig = signatures(shingles, *hash_params(num_perm, cfg.seed))
+        near = np.array([len(s) > 0 for s in shingles], dtype=bool)
+    else:
+        sig = np.zeros((len(texts), num_perm), dtype=np.uint32)
+        near = np.zeros(len(texts), dtype=bool)
+    del texts
+    _npy(directory, "exact.npy", exact)
+    _npy(directory, "signatures.npy", sig)
+    _npy(directory, "bands.npy", band_keys(sig, cfg.bands, cfg.rows))
+    _npy(directory, "near.npy", near)
+    summary = {"rows": int(len(exact)), "near": int(near.sum()), "seconds": time.time() - started}
+    names = ["exact.npy", "signatures.npy", "bands.npy", "near.npy"]
+    return {**_finish(directory, summary, names), "reused": False}
+
+
+def write_dedup_shard(docs: str, out: str, duplicate_rows: list[int], ledger: list[dict]) -> dict:
+    """One clean shard minus its duplicate rows into `docs.parquet`, its ledger rows into
+    `duplicates.parquet`."""
+    directory = Path(out)
+    if (done := read_done(directory)) is not None:
+        return {**done, "reused": True}
+    started = time.time()
+    _start(directory)
+    table = pq.read_table(docs)
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[duplicate_rows] = False
+    with atomic_path(directory / "docs.parquet") as tmp:
+        pq.write_table(table.filter(pa.array(keep)).select(list(DOC_COLUMNS)), tmp,
+                       compression="zstd", row_group_size=FLUSH_ROWS)
+    with atomic_path(directory / "duplicates.parquet") as tmp:
+        pq.write_table(pa.Table.from_pylist(ledger, schema=DUPLICATE_SCHEMA), tmp, compression="zstd")
+    summary = {"kept": int(keep.sum()), "duplicates": len(duplicate_rows),
+               "seconds": time.time() - started}
+    return {**_finish(directory, summary, ["docs.parquet", "duplicates.parquet"]), "reused": False}

@@ -1,0 +1,104 @@
+"""Tracking and registry against a real `mlflow server` process: SQLite and PostgreSQL backends.
+
+The PostgreSQL case needs the server at 127.0.0.1:5432 (trust auth); it is skipped where that is
+absent, except under CI=true where it must run. Each test creates and drops its own database.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+from registry_helpers import evaluation, make_tokens, trained
+
+from tasks import registry, tracking
+from tasks.config import RegistryConfig
+from tasks.register import run_register
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_available() -> bool:
+    return shutil.which("psql") is not None and subprocess.run(
+        ["pg_isready", "-h", "127.0.0.1", "-p", "5432"], capture_output=True).returncode == 0
+
+
+def _psql(sql: str) -> None:
+    subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1",
+                    "-c", sql], check=True, capture_output=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def mlflow_server(request, tmp_path):
+    db_name = None
+    if request.param == "sqlite":
+        backend = f"sqlite:///{tmp_path / 'server.db'}"
+    else:
+        if not _postgres_available():
+            if os.environ.get("CI") == "true":
+                pytest.fail("PostgreSQL at 127.0.0.1:5432 is required under CI=true")
+            pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
+        db_name = f"neo_mlflow_{uuid.uuid4().hex[:8]}"
+        _psql(f"CREATE DATABASE {db_name}")
+        backend = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+        if db_name:
+            _psql(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+
+
+def test_train_register_and_gate_against_server(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    tokens = make_tokens(tmp_path, ws)
+    good, weak = trained(ws, tokens, 40), trained(ws, tokens, 3)
+    cfg = RegistryConfig(model_name="neo-server")
+    first = run_register(cfg, evaluation(ws, good, "good", 1.0), [tokens, good], {"train.lr": "0.003"}, str(ws))
+    second = run_register(cfg, evaluation(ws, weak, "weak", 2.0), [tokens, weak], {"train.lr": "0.003"}, str(ws))
+    assert (first.info["version"], first.info["alias"]) == ("1", "champion")
+    assert (second.info["version"], second.info["alias"]) == ("2", "challenger")
+    assert second.info["gate"]["candidate_bpb"] > second.info["gate"]["champion_bpb"]
+
+    c = tracking.client(ws)
+    assert c.tracking_uri == mlflow_server
+    assert registry.alias_version(c, "neo-server", "champion") == "1"
+    assert registry.alias_version(c, "neo-server", "challenger") == "2"
+    history = c.get_metric_history(good.info["run_id"], "train_loss")
+    assert [m.step for m in history] == list(range(5, 41, 5))
+    assert c.get_run(good.info["run_id"]).data.params == {"train.lr": "0.003"}
+    # Artifacts went through the server's proxied store, and the gate read the champion back from it.
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        a.path.rsplit("/", 1)[-1] for a in c.list_artifacts(good.info["run_id"], "hf_model")}
+    assert not (ws / "mlflow").exists(), "with a server configured nothing is written to the embedded store"
