@@ -47,6 +47,7 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def _cfg(corpus: Path, **kw) -> CorpusConfig:
+    kw.setdefault("max_bad_fraction", 1.0)  # the fixture is half bad on purpose
     return CorpusConfig(sources=[str(corpus)], max_bytes=None, **kw)
 
 
@@ -180,9 +181,6 @@ def test_source_errors_are_clear(corpus, tmp_path):
         list_sources(CorpusConfig(sources=[str(corpus / "*.parquet")]))
     with pytest.raises(ValueError, match="unsupported file type"):
         list_sources(CorpusConfig(sources=[str(corpus / "picture.png")]))
-    for url in ("https://example.com/corpus.jsonl", "s3://bucket/corpus", "hf://datasets/x/y"):
-        with pytest.raises(ValueError, match="not supported yet"):
-            list_sources(CorpusConfig(sources=[url]))
     # A missing source fails even after the byte cap was reached by an earlier one.
     with pytest.raises(FileNotFoundError, match="missing"):
         list_sources(CorpusConfig(sources=[str(corpus), str(tmp_path / "missing")], max_bytes=1))
@@ -196,3 +194,267 @@ def test_python_stdlib_source():
     assert all(f.path.is_relative_to(stdlib) for f in files)
     assert not any({"site-packages", "dist-packages", "__pycache__"} & set(f.path.parts) for f in files)
     assert [f.rel for f in files] == sorted(f.rel for f in files)
+
+
+# ---------------------------------------------------------------------------- remote sources and formats
+
+import gzip  # noqa: E402
+import hashlib  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from fake_origin import Origin  # noqa: E402
+from tasks.config import SourceSpec  # noqa: E402
+from tasks.download import CACHE_DIR, BadInputError  # noqa: E402
+from tasks.fetch import KILL_HOOK, ChecksumError, PermanentTransferError  # noqa: E402
+
+FAST = {"retry_backoff_s": 0.001, "timeout_s": 10, "max_bytes": None}
+
+
+@pytest.fixture
+def origin():
+    o = Origin()
+    yield o
+    o.close()
+
+
+def _docs(result) -> list[dict]:
+    return [d for s in sorted(Path(result.path).glob("shard-*.jsonl.zst")) for d in read_shard(s)]
+
+
+def _pile(n: int, start: int = 0) -> bytes:
+    rows = [json.dumps({"text": f"document {i}", "meta": {"pile_set_name": "Github"}})
+            for i in range(start, start + n)]
+    return zstandard.ZstdCompressor().compress(("\n".join(rows) + "\n").encode())
+
+
+def test_https_sources_verified_parallel_and_redacted(origin, tmp_path):
+    blobs = {f"/pile/{i:02d}.jsonl.zst": _pile(50, 50 * i) for i in range(4)}
+    for path, data in blobs.items():
+        origin.add(path, data)
+        origin.auth[path] = "alice:pa55word"
+    origin.faults["/pile/01.jsonl.zst"] = ["drop", "503"]
+    secret_url = origin.url.replace("http://", "http://alice:pa55word@")
+    sources = [{"url": secret_url + p, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+               for p, d in blobs.items()]
+    cfg = CorpusConfig(sources=sources, parallel_downloads=3, **FAST)
+    assert all(isinstance(s, SourceSpec) and "pa55word" not in s.url for s in cfg.sources)
+    result = run_download(cfg, str(tmp_path / "ws"))
+    assert result.counts["files"] == 4 and result.counts["docs"] == 200
+    docs = _docs(result)
+    assert [d["text"] for d in docs] == [f"document {i}" for i in range(200)]
+    assert docs[0]["meta"] == {"pile_set_name": "Github"}  # Pile meta object kept as meta
+    manifest = read_manifest(Path(result.path))
+    assert manifest["records_read"] == manifest["counts"]["docs"] + manifest["counts"]["quarantined"]
+    assert [s["sha256"] for s in manifest["sources"]] == [s["sha256"] for s in sources]
+    assert manifest["transfers"]["fetched"] == 4 and manifest["transfers"]["retries"] >= 2
+    # The password is nowhere in what the stage wrote (manifest, ledger, cache sidecars).
+    for p in (tmp_path / "ws").rglob("*"):
+        if p.is_file() and not p.name.endswith(".zst"):
+            assert b"pa55word" not in p.read_bytes(), p
+    assert all(c.is_relative_to(tmp_path / "ws" / CACHE_DIR)
+               for c in (tmp_path / "ws").rglob("*.jsonl.zst") if "raw" not in c.parts)
+
+
+def test_https_checksum_mismatch_and_404_fail_clearly(origin, tmp_path):
+    data = _pile(3)
+    url = origin.add("/x.jsonl.zst", data)
+    origin.always["/x.jsonl.zst"].add("corrupt")
+    cfg = CorpusConfig(sources=[{"url": url, "sha256": hashlib.sha256(data).hexdigest()}], **FAST)
+    with pytest.raises(ChecksumError, match=hashlib.sha256(data).hexdigest()):
+        run_download(cfg, str(tmp_path / "ws"))
+    with pytest.raises(PermanentTransferError, match="404"):
+        run_download(CorpusConfig(sources=[origin.url + "/nope.jsonl"], **FAST), str(tmp_path / "ws"))
+
+
+def test_formats_and_field_mapping(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = [{"content": "gz one", "uid": "g1", "lang": "en"}, {"content": ""}, {"other": 1}]
+    with gzip.open(src / "a.json.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    whole = gzip.compress(b"".join(b'{"content": "row %d"}\n' % i for i in range(50)))
+    (src / "b.json.gz").write_bytes(whole[: len(whole) // 2])  # truncated gzip
+    pq.write_table(pa.table({"content": ["pq one", "pq two", "  "], "uid": ["p1", "p2", "p3"],
+                             "lang": ["de", "fr", "en"]}), src / "c.parquet")
+    (src / "d.txt").write_text("first doc\n<END>\nsecond\ndoc\n<END>\n<END>\nthird\n")
+    cfg = CorpusConfig(sources=[
+        {"url": str(src / "a.json.gz"), "text_field": "content", "id_field": "uid"},
+        {"url": str(src / "b.json.gz"), "text_field": "content"},
+        {"url": str(src / "c.parquet"), "text_field": "content", "id_field": "uid",
+         "meta_fields": ["lang"]},
+        {"url": str(src / "d.txt"), "separator": "<END>\n"}], max_bytes=None, max_bad_fraction=1.0)
+    result = run_download(cfg, str(tmp_path / "ws"))
+    docs = _docs(result)
+    assert [(d["id"], d["text"]) for d in docs if d["id"] in ("g1", "p1", "p2")] == \
+        [("g1", "gz one"), ("p1", "pq one"), ("p2", "pq two")]
+    assert next(d for d in docs if d["id"] == "p1")["meta"] == {"lang": "de"}
+    assert next(d for d in docs if d["id"] == "g1")["meta"] == {"lang": "en"}
+    assert [d["text"] for d in docs if d["source"].endswith("d.txt")] == \
+        ["first doc\n", "second\ndoc\n", "third\n"]
+    d_ids = [d["id"] for d in docs if d["source"].endswith("d.txt")]
+    assert d_ids == [f"{src / 'd.txt'}:d.txt:{i}" for i in (1, 2, 4)]
+    rows = _quarantine(result)
+    got = sorted((Path(r["file"]).name, r["line"], r["reason_code"]) for r in rows)
+    truncated = [g for g in got if g[0] == "b.json.gz"]
+    assert truncated and truncated[-1][2] == "truncated_stream"
+    assert [g for g in got if g[0] != "b.json.gz"] == [
+        ("a.json.gz", 2, "empty"), ("a.json.gz", 3, "no_text_field"), ("a.json.gz", 4, "malformed_json"),
+        ("c.parquet", 3, "empty"), ("d.txt", 6, "empty")]
+    manifest = read_manifest(Path(result.path))
+    assert manifest["records_read"] == len(docs) + len(rows)
+    assert sum(manifest["quarantine_reasons"].values()) == len(rows)
+    assert manifest["quarantine_reasons"]["empty"] == 3
+
+
+def test_bad_fraction_limit_fails_with_counts(corpus, tmp_path):
+    with pytest.raises(BadInputError, match=r"7 of 14 records quarantined \(50.0% > max_bad_fraction "
+                                            r"40.0%\).*'malformed_json': 1"):
+        run_download(_cfg(corpus, max_bad_fraction=0.4), str(tmp_path / "ws"))
+    ok = run_download(_cfg(corpus, max_bad_fraction=0.5), str(tmp_path / "ws"))
+    assert ok.counts["quarantined"] == 7
+
+
+def test_local_sha256_is_verified(corpus, tmp_path):
+    cfg = CorpusConfig(sources=[{"url": str(corpus / "a.txt"), "sha256": "0" * 64}], max_bytes=None)
+    with pytest.raises(PermanentTransferError, match="sha256 mismatch"):
+        run_download(cfg, str(tmp_path / "ws"))
+
+
+_KILL_SCRIPT = """
+import json, sys
+from tasks.config import CorpusConfig
+from tasks.download import run_download
+cfg = CorpusConfig.model_validate(json.loads(sys.argv[1]))
+r = run_download(cfg, sys.argv[2])
+print(json.dumps(r.counts))
+"""
+
+
+def test_rerun_after_kill_fetches_nothing_completed(origin, tmp_path):
+    names = [f"/k/{i}.jsonl.zst" for i in range(4)]
+    for i, n in enumerate(names):
+        origin.add(n, _pile(20, 20 * i))
+    cfg = {"sources": [origin.url + n for n in names], "parallel_downloads": 1, **FAST}
+    ws = str(tmp_path / "ws")
+    cmd = [sys.executable, "-c", _KILL_SCRIPT, json.dumps(cfg), ws]
+    env = {**os.environ, KILL_HOOK: "1.jsonl.zst"}  # SIGKILL right after 1.jsonl.zst is verified
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert origin.gets[names[0]] == 1 and origin.gets[names[1]] == 1
+    # The rerun happens here (one Prefect import fewer than a second subprocess).
+    again = run_download(CorpusConfig.model_validate(cfg), ws)
+    assert again.counts["docs"] == 80 and not again.reused
+    assert read_manifest(Path(again.path))["transfers"]["reused"] == 2
+    # Completed files were not fetched again; the rest were fetched exactly once in all.
+    assert origin.gets[names[0]] == 1 and origin.gets[names[1]] == 1
+    assert sum(origin.gets[n] for n in names[2:]) <= 4 and origin.gets[names[3]] == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_s3_sources_through_moto_server(tmp_path, monkeypatch):
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed")
+    boto3 = pytest.importorskip("boto3")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="AKIDTEST",
+                          aws_secret_access_key="very-secret-key", region_name="us-east-1")
+        s3.create_bucket(Bucket="corpus")
+        blobs = {f"pile/{i:02d}.jsonl.zst": _pile(10, 10 * i) for i in range(3)}
+        for key, data in blobs.items():
+            s3.put_object(Bucket="corpus", Key=key, Body=data)
+        s3.put_object(Bucket="corpus", Key="single.jsonl", Body=b'{"text": "alone"}\n')
+        one = b'{"text": "alone"}\n'
+        cfg = CorpusConfig(sources=["s3://corpus/pile/", {"url": "s3://corpus/single.jsonl",
+                                                          "sha256": hashlib.sha256(one).hexdigest()}],
+                           s3_endpoint=endpoint, s3_access_key="AKIDTEST",
+                           s3_secret_key="very-secret-key", **FAST)
+        result = run_download(cfg, str(tmp_path / "ws"))
+        assert result.counts["files"] == 4 and result.counts["docs"] == 31
+        assert [d["text"] for d in _docs(result)][:2] == ["document 0", "document 1"]
+        manifest = read_manifest(Path(result.path))
+        assert [s["path"] for s in manifest["sources"]] == [
+            "s3://corpus/pile/00.jsonl.zst", "s3://corpus/pile/01.jsonl.zst",
+            "s3://corpus/pile/02.jsonl.zst", "s3://corpus/single.jsonl"]
+        assert manifest["sources"][0]["sha256"] == hashlib.sha256(blobs["pile/00.jsonl.zst"]).hexdigest()
+        text = (Path(result.path) / "manifest.json").read_text()
+        assert "very-secret-key" not in text and "AKIDTEST" not in text
+        with pytest.raises(FileNotFoundError, match="s3://corpus/nothing-here"):
+            run_download(cfg.model_copy(update={"sources": ["s3://corpus/nothing-here"]}),
+                         str(tmp_path / "ws"))
+    finally:
+        server.stop()
+
+
+def test_hf_dataset_through_local_hub_endpoint(origin, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_ENDPOINT", origin.url)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    origin.hf["eleuther/tiny-pile"] = {"data/train-00.jsonl.zst": _pile(5),
+                                       "data/train-01.jsonl.zst": _pile(5, 5),
+                                       "README.md": b"# tiny pile\n"}
+    cfg = CorpusConfig(sources=["hf://datasets/eleuther/tiny-pile/data/*.jsonl.zst"], **FAST)
+    result = run_download(cfg, str(tmp_path / "ws"))
+    assert result.counts["files"] == 2 and result.counts["docs"] == 10
+    assert [d["text"] for d in _docs(result)] == [f"document {i}" for i in range(10)]
+    gets = [p for p in origin.gets if "/resolve/" in p]
+    assert sorted(gets) == ["/datasets/eleuther/tiny-pile/resolve/main/data/train-00.jsonl.zst",
+                            "/datasets/eleuther/tiny-pile/resolve/main/data/train-01.jsonl.zst"]
+
+
+def test_progress_reports_rates_and_final_counts(corpus, tmp_path):
+    seen: list[dict] = []
+    result = run_download(_cfg(corpus), str(tmp_path / "ws"), on_progress=seen.append)
+    last = seen[-1]
+    assert last["fraction"] == 1.0 and last["docs"] == result.counts["docs"]
+    assert last["bytes_read"] == result.counts["bytes"] and last["docs_per_s"] > 0
+
+
+def test_prefect_retries_only_what_can_succeed():
+    from tasks.download import _retry_worth_it
+    from tasks.fetch import TransferError
+
+    class State:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self, raise_on_failure=True):
+            return self.exc
+
+    assert _retry_worth_it(None, None, State(TransferError("503 five times")))
+    for exc in (PermanentTransferError("404"), BadInputError("60% bad"), FileNotFoundError("x")):
+        assert not _retry_worth_it(None, None, State(exc))
+
+
+def test_credentials_never_reach_params_or_fingerprint_inputs(tmp_path):
+    from tasks.config import load_config, redacted_params
+    from tasks.download import public_config
+
+    cfg = load_config("debug", ['corpus.sources=["https://bob:hunter2@example.org/pile/00.jsonl.zst"]',
+                                "corpus.s3_secret_key=AWS-SECRET-1", "corpus.s3_access_key=AKID-1",
+                                "corpus.hf_token=hf_TOKEN_1"])
+    blobs = [json.dumps(redacted_params(cfg)), json.dumps(public_config(cfg.corpus)),
+             cfg.model_dump_json(), repr(cfg.corpus)]
+    for blob in blobs:
+        for secret in ("hunter2", "AWS-SECRET-1", "AKID-1", "hf_TOKEN_1"):
+            assert secret not in blob
+    assert cfg.corpus.sources[0].auth.get_secret_value() == "bob:hunter2"  # still usable
+    assert cfg.corpus.sources[0].url == "https://example.org/pile/00.jsonl.zst"
