@@ -1,7 +1,8 @@
 """Read and write GPT-Neo checkpoints in the Hugging Face directory layout.
 
-A directory holds `config.json` plus `model.safetensors` (or HF's sharded
-`model.safetensors.index.json`). The tied `lm_head.weight` is not written, as HF does. Loading never
+A directory holds `config.json` plus `model.safetensors`, or above a size threshold HF's sharded layout
+(`model.safetensors.index.json` + `model-0000i-of-0000n.safetensors`). The tied `lm_head.weight` is not
+written, as HF does; an `lm_head.weight` copy equal to `wte` (as in released checkpoints) is accepted. Loading never
 unpickles: safetensors first, and a legacy `pytorch_model.bin` only via `torch.load(weights_only=True)`.
 """
 
@@ -19,6 +20,8 @@ from .model import GPTNeo
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes; transformers' historical "5GB"
 _TIED_KEY = "lm_head.weight"
 # Causal-mask buffers that older HF versions stored in checkpoints; we rebuild masks at run time.
 _IGNORED_SUFFIXES = (".attn.attention.bias", ".attn.attention.masked_bias")
@@ -31,16 +34,61 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_pretrained(model: GPTNeo, directory: str | Path) -> Path:
-    """Write `directory/model.safetensors` then `directory/config.json`; returns the directory."""
+def _shard_groups(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[list[str]]:
+    """Keys split into consecutive groups of at most max_shard_size bytes (a bigger tensor stands alone)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    return groups
+
+
+def save_pretrained(model: GPTNeo, directory: str | Path, max_shard_size: int | None = None) -> Path:
+    """Write the weights, then `directory/config.json`; returns the directory.
+
+    Up to max_shard_size bytes (default DEFAULT_MAX_SHARD_SIZE, HF's 5 GB) the weights go into one
+    `model.safetensors`; above it into `model-0000i-of-0000n.safetensors` shards plus HF's
+    `model.safetensors.index.json` (metadata.total_size, weight_map key -> shard file). Weight files of
+    an earlier save in another layout are removed, so the directory never holds two versions.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    limit = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else int(max_shard_size)
+    if limit <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     # safetensors refuses shared or strided storage: drop the tied head, copy views into fresh tensors.
     tensors = {k: v.detach().to("cpu").contiguous()
                for k, v in model.state_dict().items() if k != _TIED_KEY}
     dtype = next(iter(tensors.values())).dtype
-    # transformers refuses safetensors files without format metadata.
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    groups = _shard_groups(tensors, limit) if total > limit else [list(tensors)]
+    written: set[str] = set()
+    if len(groups) == 1:
+        # transformers refuses safetensors files without format metadata.
+        _atomic_write(directory / WEIGHTS_NAME,
+                      lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        written.add(WEIGHTS_NAME)
+    else:
+        weight_map: dict[str, str] = {}
+        for i, keys in enumerate(groups, start=1):
+            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            shard = {k: tensors[k] for k in keys}
+            _atomic_write(directory / name, lambda p, shard=shard: save_file(shard, str(p),
+                                                                            metadata={"format": "pt"}))
+            weight_map.update({k: name for k in keys})
+            written.add(name)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write(directory / INDEX_NAME,
+                      lambda p: p.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"))
+        written.add(INDEX_NAME)
+    for stale in [*directory.glob("model*.safetensors"), directory / INDEX_NAME]:
+        if stale.name not in written and stale.exists():
+            stale.unlink()
     config = model.config.to_hf_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     # config.json last: a directory with a config is a complete checkpoint.
@@ -53,7 +101,7 @@ def _read_state_dict(directory: Path, device: str) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory, single-file or sharded, safetensors or legacy .bin."""
     if (directory / WEIGHTS_NAME).exists():
         return load_file(str(directory / WEIGHTS_NAME), device=device)
-    for index_name, loader in (("model.safetensors.index.json", lambda p: load_file(str(p), device=device)),
+    for index_name, loader in ((INDEX_NAME, lambda p: load_file(str(p), device=device)),
                                ("pytorch_model.bin.index.json",
                                 lambda p: torch.load(p, map_location=device, weights_only=True))):
         index = directory / index_name
@@ -69,10 +117,19 @@ def _read_state_dict(directory: Path, device: str) -> dict[str, torch.Tensor]:
 
 
 def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop mask buffers and the tied head; add the `transformer.` prefix of a bare GPTNeoModel save."""
+    """Drop mask buffers and the head; add the `transformer.` prefix of a bare GPTNeoModel save.
+
+    Released checkpoints carry `lm_head.weight` as a copy of `wte`: accepted when equal, since the model
+    ties them; a head that really differs cannot be represented and raises ValueError.
+    """
+    head = state.get(_TIED_KEY)
     state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES) and k != _TIED_KEY}
     if state and not any(k.startswith("transformer.") for k in state):
         state = {f"transformer.{k}": v for k, v in state.items()}
+    wte = state.get("transformer.wte.weight")
+    if head is not None and wte is not None and not (head.shape == wte.shape and torch.equal(head, wte)):
+        raise ValueError("lm_head.weight differs from transformer.wte.weight: GPTNeo ties the output head "
+                         "to the token embedding and cannot load an untied head")
     return state
 
 

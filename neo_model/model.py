@@ -11,13 +11,18 @@ checkpoints move between the two implementations without renaming.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import (ATTN_BACKENDS, CPU_AUTO_LOCAL_BACKEND, _flex_api, _heads, _merge_heads,
+                        attention_mask, chunked_local_attention, flex_local_attention, flex_usable)
 from .config import GPTNeoConfig
+
+__all__ = ["GPTNeo", "KVCache", "attention_mask", "chunked_local_attention"]
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # HF "gelu_new" = GPT-2's tanh approximation
@@ -27,33 +32,64 @@ _ACTIVATIONS = {
 }
 
 
-def attention_mask(q_start: int, q_len: int, k_len: int, window: int | None,
-                   device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean (q_len, k_len) mask, True = may attend, for queries at positions q_start.. and keys 0..
-
-    Causal (key j <= query i); with `window`, additionally i - j < window (the local band).
-    """
-    i = torch.arange(q_start, q_start + q_len, device=device).unsqueeze(1)  # (Tq, 1)
-    j = torch.arange(k_len, device=device).unsqueeze(0)  # (1, Tk)
-    allowed = j <= i
-    if window is not None:
-        allowed = allowed & (i - j < window)
-    return allowed
-
-
 class KVCache:
-    """Keys and values of one layer for incremental decoding: each (B, nh, T_so_far, hs)."""
+    """Preallocated keys/values of one layer for incremental decoding, each (B, nh, slots, hs).
 
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    A global layer keeps every position (slots = longest sequence). A local layer keeps only the last
+    `window` keys in a ring (slot = index % window): older keys are outside every later query's window.
+    Keys carry their position (it is added to the layer input), so the order of slots does not matter
+    to attention. `valid` marks slots holding real tokens, False for left padding.
+    """
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is not None:
-            k = torch.cat([self.k, k], dim=2)
-            v = torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
+    def __init__(self, batch: int, n_head: int, head_dim: int, capacity: int, window: int | None,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.window = window
+        self.slots = min(capacity, window) if window is not None else capacity
+        self.k = torch.empty(batch, n_head, self.slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.valid = torch.ones(batch, self.slots, dtype=torch.bool, device=device)
+        self.padded = False  # any invalid slot ever written: decode steps then need a key mask
+        self.length = 0  # tokens written so far = index of the next token
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None) -> None:
+        """Store the prompt's keys/values (B, nh, T, hs); key_valid (B, T) or None (all real)."""
+        T = k.size(2)
+        if T > self.slots and self.window is None:
+            raise ValueError(f"prompt of {T} tokens exceeds the cache capacity {self.slots}")
+        m = min(T, self.slots)
+        slots = torch.arange(T - m, T, device=k.device) % self.slots
+        self.k.index_copy_(2, slots, k[:, :, T - m:])
+        self.v.index_copy_(2, slots, v[:, :, T - m:])
+        if key_valid is not None:
+            self.valid[:, slots] = key_valid[:, T - m:]
+            self.padded = True
+        self.length = T
+
+    def append(self, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Add one token (B, nh, 1, hs); return the keys, values and key mask its query attends to."""
+        slot = self.length % self.slots if self.window is not None else self.length
+        if slot >= self.slots:
+            raise ValueError(f"cache full ({self.slots} positions)")
+        self.k[:, :, slot] = k[:, :, 0]
+        self.v[:, :, slot] = v[:, :, 0]
+        self.valid[:, slot] = True
+        self.length += 1
+        n = min(self.length, self.slots)  # ring slots fill in order 0, 1, ... before wrapping
+        mask = self.valid[:, None, None, :n] if self.padded else None  # (B, 1, 1, n)
+        return self.k[:, :, :n], self.v[:, :, :n], mask
+
+
+@dataclass
+class _Plan:
+    """How one forward pass attends: built by GPTNeo._hidden, read by every SelfAttention."""
+
+    local_impl: str  # "sdpa" | "chunked" | "flex" for local layers of a full causal pass
+    window: int
+    masks: dict  # attention kind -> explicit bool mask for SDPA, or None (causal / implementation's own)
+    key_valid: torch.Tensor | None = None  # (B, T) False at left padding, for the cache
+    decode: bool = False  # one new token per row against the KV cache
+    block_masks: dict | None = None  # FlexAttention block masks by (T, window, device)
 
 
 class SelfAttention(nn.Module):
@@ -72,22 +108,41 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(d, d, bias=True)
         self.attn_dropout = config.attention_dropout
         self.resid_dropout = nn.Dropout(config.resid_dropout)
+        # Fused (3d, d) projection weight held during generation; None means concatenate per call.
+        self._qkv_weight: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
-        """x: (B, T, C). mask: None means plain causal over T == T_k, else bool (T, T_k) from the model."""
+    def qkv_weight(self) -> torch.Tensor:
+        """q, k and v weights stacked, so one matmul projects all three (keys stay HF's separate names)."""
+        if self._qkv_weight is not None:
+            return self._qkv_weight
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
+    def forward(self, x: torch.Tensor, plan: _Plan, cache: KVCache | None = None) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C)."""
         B, T, C = x.size()
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, nh, T_k, hs)
+        q, k, v = F.linear(x, self.qkv_weight()).split(C, dim=2)  # each (B, T, C), heads side by side
+        H = self.n_head
         dropout_p = self.attn_dropout if self.training else 0.0
-        # scale=1.0: GPT-Neo uses raw q.k scores; the 1/sqrt(hs) lives in the q init instead.
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=1.0)
+        # scale=1.0 everywhere: GPT-Neo uses raw q.k scores; the 1/sqrt(hs) lives in the q init instead.
+        if plan.decode:
+            kc, vc, mask = cache.append(_heads(k, H), _heads(v, H))
+            y = _merge_heads(F.scaled_dot_product_attention(_heads(q, H), kc, vc, attn_mask=mask, scale=1.0))
+            return self.resid_dropout(self.out_proj(y))
+        if cache is not None:
+            cache.prefill(_heads(k, H), _heads(v, H), plan.key_valid)
+        local = self.attention_type == "local"
+        mask = plan.masks[self.attention_type]
+        if mask is None and local and T > plan.window and plan.local_impl == "chunked":
+            y = chunked_local_attention(q, k, v, H, plan.window, dropout_p)
+        elif mask is None and local and T > plan.window and plan.local_impl == "flex":
+            y = flex_local_attention(q, k, v, H, plan.window, plan.block_masks)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+            qh, kh, vh = _heads(q, H), _heads(k, H), _heads(v, H)
+            if mask is None:  # global, or local with the whole sequence inside the window
+                y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=dropout_p, scale=1.0)
+            else:
+                y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+            y = _merge_heads(y)
         return self.resid_dropout(self.out_proj(y))
 
 
@@ -98,8 +153,8 @@ class Attention(nn.Module):
         super().__init__()
         self.attention = SelfAttention(config, attention_type)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
-        return self.attention(x, mask, cache)
+    def forward(self, x: torch.Tensor, plan: _Plan, cache: KVCache | None = None) -> torch.Tensor:
+        return self.attention(x, plan, cache)
 
 
 class MLP(nn.Module):
@@ -125,18 +180,41 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache)
+    def forward(self, x: torch.Tensor, plan: _Plan, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), plan, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
-class GPTNeo(nn.Module):
-    """GPT-Neo causal language model; `forward(ids, targets)` returns (logits, loss)."""
+def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf (B, V); HF's order (k, then p)."""
+    if top_k:  # None or 0 disables the filter, as in HF
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # Keep a token while the mass strictly above it is below top_p: the smallest set reaching top_p.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
 
-    def __init__(self, config: GPTNeoConfig):
+
+class GPTNeo(nn.Module):
+    """GPT-Neo causal language model; `forward(ids, targets)` returns (logits, loss).
+
+    `attn_backend` picks the local-attention implementation of full passes: "auto" (CUDA: FlexAttention,
+    CPU: CPU_AUTO_LOCAL_BACKEND), "sdpa" (dense band mask), "chunked" (blocks of `window` queries) or "flex".
+    Where FlexAttention cannot run (not importable, or training on CPU) "flex" falls back to SDPA on CUDA
+    and to chunked on CPU. Global layers always use SDPA's causal kernel. It is a plain attribute, so it
+    can be changed on a built model.
+    """
+
+    def __init__(self, config: GPTNeoConfig, attn_backend: str = "auto"):
         super().__init__()
         self.config = config
+        self.attn_backend = attn_backend
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.hidden_size),
             wpe=nn.Embedding(config.max_position_embeddings, config.hidden_size),
@@ -146,9 +224,21 @@ class GPTNeo(nn.Module):
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in every released GPT-Neo
-        # Local band masks by (T, window, device); a plain dict, so it is neither a parameter nor in state_dict.
+        # Local band masks by (T, window, device) and FlexAttention block masks; plain dicts, so they are
+        # neither parameters nor in state_dict.
         self._mask_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._block_masks: dict = {}
         self._init_weights()
+
+    @property
+    def attn_backend(self) -> str:
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, value: str) -> None:
+        if value not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {value!r}")
+        self._attn_backend = value
 
     # ---- initialisation -----------------------------------------------------------------------------
 
@@ -183,37 +273,83 @@ class GPTNeo(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
 
-    def _local_mask(self, T: int, device: torch.device) -> torch.Tensor | None:
-        """Band mask for a full causal pass of length T; None when the window covers everything."""
-        if T <= self.config.window_size:
-            return None  # local == causal here, so SDPA can use its fast is_causal path
+    def local_impl(self, device: torch.device) -> str:
+        """The local-attention implementation a full pass on `device` uses now (after fallbacks)."""
+        backend = self.attn_backend
+        if backend == "auto":
+            backend = "flex" if device.type == "cuda" else CPU_AUTO_LOCAL_BACKEND
+        if backend == "flex":
+            needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+            if not flex_usable(device, needs_grad):
+                backend = "sdpa" if device.type == "cuda" else "chunked"
+        return backend
+
+    def prepare_flex(self, seq_len: int, device: torch.device | str) -> None:
+        """Build the FlexAttention block mask for seq_len now (call before torch.compile on CUDA, so the
+        compiled graph reuses it instead of rebuilding it every step)."""
+        if _flex_api():
+            _, create_block_mask = _flex_api()
+            W = self.config.window_size
+
+            def sliding_window(b, h, q_idx, kv_idx):
+                return (kv_idx <= q_idx) & (q_idx - kv_idx < W)
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:  # key it as tensors report their device
+                device = torch.device("cuda", torch.cuda.current_device())
+            self._block_masks[(seq_len, W, device)] = create_block_mask(sliding_window, None, None, seq_len,
+                                                                        seq_len, device=device)
+
+    def _band_mask(self, T: int, device: torch.device) -> torch.Tensor:
+        """(T, T) local band mask, cached per (T, window, device) outside torch.compile."""
         if torch.compiler.is_compiling():
-            return attention_mask(0, T, T, self.config.window_size, device)  # no Python-side caching
+            return attention_mask(0, T, T, self.config.window_size, device)
         key = (T, self.config.window_size, device)
         if key not in self._mask_cache:
             self._mask_cache[key] = attention_mask(0, T, T, self.config.window_size, device)
         return self._mask_cache[key]
 
+    def _plan(self, T: int, device: torch.device, key_valid: torch.Tensor | None, decode: bool) -> _Plan:
+        W = self.config.window_size
+        impl = self.local_impl(device)
+        if decode:
+            return _Plan(impl, W, {"global": None, "local": None}, decode=True)
+        if key_valid is not None:
+            # Left padding: hide padded keys. A padded query keeps itself so no row is fully masked
+            # (its output is never used by a real token).
+            eye = torch.eye(T, dtype=torch.bool, device=device)
+            keys = key_valid[:, None, None, :] | eye  # (B, 1, T, T)
+            masks = {"global": attention_mask(0, T, T, None, device) & keys,
+                     "local": attention_mask(0, T, T, W, device) & keys}
+            return _Plan(impl, W, masks, key_valid=key_valid)
+        local = self._band_mask(T, device) if impl == "sdpa" and T > W else None
+        return _Plan(impl, W, {"global": None, "local": local}, block_masks=self._block_masks)
+
     def _hidden(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None,
-                start_pos: int = 0) -> torch.Tensor:
-        """Final-LayerNorm hidden states (B, T, C) for tokens at positions start_pos .. start_pos+T-1."""
+                key_valid: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, C).
+
+        Without caches: a full causal pass. With caches that are still empty: a prefill that also stores
+        keys/values; with filled caches: one new token per row (T == 1). key_valid (B, T) marks real
+        tokens (False = left padding); position_ids (B, T) default to the token indices.
+        """
         B, T = input_ids.size()
-        T_k = start_pos + T
-        if T_k > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {T_k} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
         device = input_ids.device
-        pos = torch.arange(start_pos, T_k, device=device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # (B, T, C)
-        if start_pos == 0:
-            masks = {"global": None, "local": self._local_mask(T, device)}
+        decode = caches is not None and caches[0].length > 0
+        start = caches[0].length if decode else 0
+        if position_ids is None:
+            if start + T > self.config.max_position_embeddings:
+                raise ValueError(f"sequence length {start + T} exceeds max_position_embeddings "
+                                 f"{self.config.max_position_embeddings}")
+            pos = torch.arange(start, start + T, device=device)  # (T,)
         else:
-            # Decoding against a cache: queries are the last T of T_k positions, so build explicit masks
-            # (SDPA's is_causal aligns top-left, which is wrong when T != T_k).
-            masks = {"global": attention_mask(start_pos, T, T_k, None, device),
-                     "local": attention_mask(start_pos, T, T_k, self.config.window_size, device)}
+            pos = position_ids
+        if decode and T != 1:
+            raise ValueError("decoding against a KV cache takes one token per row")
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # (B, T, C)
+        plan = self._plan(T, device, key_valid, decode)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, masks[block.attention_type], caches[i] if caches is not None else None)
+            x = block(x, plan, caches[i] if caches is not None else None)
         return self.transformer.ln_f(x)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
@@ -263,31 +399,62 @@ class GPTNeo(nn.Module):
 
     # ---- sampling -----------------------------------------------------------------------------------
 
+    def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
+        """Empty per-layer KV caches for `capacity` positions (local layers hold only `window`)."""
+        p = self.transformer.wte.weight
+        c = self.config
+        return [KVCache(batch, c.num_heads, c.head_dim, capacity,
+                        c.window_size if kind == "local" else None, p.dtype, p.device)
+                for kind in c.attention_layers]
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 eos_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+                 eos_token_id: int | None = None, use_cache: bool = True, top_p: float | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Append up to max_new_tokens sampled tokens to input_ids (B, T); returns (B, T + n).
 
-        temperature 0 means greedy; top_k None or 0 samples from the full distribution. With
-        eos_token_id, a finished row is padded with eos and generation stops early once every row has
-        finished. The context is cropped to max_position_embeddings; a
-        KV cache is used while the whole sequence still fits (positions shift once cropping starts).
+        temperature 0 means greedy; top_k None or 0 and top_p None or 1 disable those filters (applied
+        in HF's order: temperature, top-k, top-p). With eos_token_id, a finished row is padded with eos
+        and generation stops early once every row has finished. attention_mask (B, T), 1 = token and
+        0 = left padding, lets rows of different lengths share a batch: padded rows get positions
+        counted from their first real token and never attend to padding, so each row continues exactly
+        as it would alone. Without padding the context is cropped to max_position_embeddings; a KV
+        cache is used while the whole sequence still fits (positions shift once cropping starts).
         """
         was_training = self.training
         self.eval()
         max_pos = self.config.max_position_embeddings
         idx = input_ids
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        B, T0 = idx.shape
+        key_valid = position_ids = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            key_valid = attention_mask.bool()
+            if bool((key_valid[:, 1:].int() < key_valid[:, :-1].int()).any()):
+                raise ValueError("attention_mask must be left padding: zeros only before the tokens")
+            position_ids = (key_valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+            if T0 + max_new_tokens > max_pos:
+                raise ValueError(f"padded generation needs prompt + max_new_tokens <= {max_pos}")
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         caches: list[KVCache] | None = None
+        blocks = [block.attn.attention for block in self.transformer.h]
+        for attn in blocks:  # one fused q/k/v weight per layer for the whole call
+            attn._qkv_weight = attn.qkv_weight()
         try:
             for _ in range(max_new_tokens):
-                if use_cache and idx.size(1) <= max_pos:
-                    if caches is None:  # prefill with the whole prompt
-                        caches = [KVCache() for _ in self.transformer.h]
-                        h = self._hidden(idx, caches, 0)
+                if key_valid is not None or (use_cache and idx.size(1) <= max_pos):
+                    if not use_cache:  # padded rows without a cache: recompute everything, masked
+                        valid = torch.cat([key_valid, torch.ones(B, idx.size(1) - T0, dtype=torch.bool,
+                                                                  device=idx.device)], dim=1)
+                        pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+                        h = self._hidden(idx, None, valid, pos)
+                    elif caches is None:  # prefill with the whole prompt
+                        caches = self.new_caches(B, min(T0 + max_new_tokens, max_pos if key_valid is None
+                                                        else T0 + max_new_tokens))
+                        h = self._hidden(idx, caches, key_valid, position_ids)
                     else:  # only the newest token; earlier keys/values come from the cache
-                        h = self._hidden(idx[:, -1:], caches, idx.size(1) - 1)
+                        pos = None if position_ids is None else position_ids[:, -1:] + (idx.size(1) - T0)
+                        h = self._hidden(idx[:, -1:], caches, None, pos)
                 else:
                     caches = None
                     h = self._hidden(idx[:, -max_pos:])
@@ -295,10 +462,7 @@ class GPTNeo(nn.Module):
                 if temperature == 0:
                     next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
                 else:
-                    logits = logits / temperature
-                    if top_k:  # None or 0 disables the filter, as in HF
-                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    logits = _filter_logits(logits / temperature, top_k, top_p)
                     probs = F.softmax(logits, dim=-1)
                     next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
                 if eos_token_id is not None:
@@ -308,15 +472,17 @@ class GPTNeo(nn.Module):
                 if eos_token_id is not None and bool(finished.all()):
                     break
         finally:
+            for attn in blocks:
+                attn._qkv_weight = None
             self.train(was_training)
         return idx
 
     # ---- checkpoints (HF layout; implemented in hf_io) ----------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json + model.safetensors that transformers' GPTNeoForCausalLM can load."""
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | None = None) -> Path:
+        """Write config.json + model.safetensors (sharded above max_shard_size bytes) for transformers."""
         from .hf_io import save_pretrained
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",

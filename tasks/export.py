@@ -17,7 +17,8 @@ MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json
 def write_tokenizer_files(model_dir: str | Path, tokenizer_json: str | Path) -> None:
     """Copy tokenizer.json beside the weights and add the small files transformers expects."""
     d = Path(model_dir)
-    shutil.copy2(tokenizer_json, d / "tokenizer.json")
+    if Path(tokenizer_json).resolve() != (d / "tokenizer.json").resolve():
+        shutil.copy2(tokenizer_json, d / "tokenizer.json")
     config = json.loads((d / "config.json").read_text())
     specials = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
     (d / "tokenizer_config.json").write_text(json.dumps(

@@ -30,7 +30,7 @@ def run_perplexity(spec, model, tokenizer) -> dict[str, float]:
     for doc in documents(spec):
         ids = tokenizer.encode(doc).ids
         nll += rolling_nll(model, ids, eos, spec.stride)
-        words += len(re.split(r"\s+", doc.strip()))
+        words += len(re.split(r"\s+", doc))  # lm-evaluation-harness counts words exactly this way
         nbytes += len(doc.encode("utf-8"))
         ntokens += len(ids)
     if not nbytes:

@@ -150,3 +150,45 @@ def test_missing_files_raise(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(GPTNeoConfig.from_preset("debug").to_hf_dict()))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_pretrained(tmp_path)
+
+
+def test_untied_head_copy_equal_to_wte_loads_and_a_different_one_is_refused(saved):
+    # Released GPT-Neo checkpoints carry lm_head.weight as a copy of wte.
+    _edit_weights(saved, lambda s: s.update({"lm_head.weight": s["transformer.wte.weight"].clone()}))
+    model = load_pretrained(saved)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    _edit_weights(saved, lambda s: s["lm_head.weight"].add_(1e-3))
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        load_pretrained(saved)
+
+
+def test_sharded_save_is_read_by_us_and_by_transformers(tmp_path, ids):
+    torch.manual_seed(0)
+    ours = GPTNeo(GPTNeoConfig(**CFG)).eval()
+    perturb_(ours, 5)
+    ours.save_pretrained(tmp_path, max_shard_size=200_000)  # ~0.9 MB of fp32 weights -> several shards
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    tensors = {k: v for s in shards for k, v in load_file(tmp_path / s).items()}
+    assert set(tensors) == set(index["weight_map"]) and "lm_head.weight" not in tensors
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    with torch.no_grad():
+        expected = ours(ids)[0]
+        assert torch.equal(load_pretrained(tmp_path)(ids)[0], expected)
+        assert (hf_eager(tmp_path)(ids).logits - expected).abs().max().item() < 1e-4
+    # Saving again below the threshold replaces the shards with a single file.
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_sharded_checkpoint_written_by_transformers_loads(tmp_path, ids):
+    torch.manual_seed(0)
+    hf_config = transformers.GPTNeoConfig(**CFG, attention_types=[[["global", "local"], 2]])
+    hf = transformers.GPTNeoForCausalLM(hf_config).eval()
+    perturb_(hf, 6)
+    hf.save_pretrained(tmp_path, max_shard_size="300KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        assert (load_pretrained(tmp_path)(ids)[0] - hf(ids).logits).abs().max().item() < 1e-4

@@ -26,8 +26,10 @@ def test_attention_mask_matches_definition():
     assert torch.equal(attention_mask(0, T, T, None), torch.ones(T, T).tril().bool())
 
 
-def test_local_layer_ignores_tokens_beyond_window_global_does_not():
+@pytest.mark.parametrize("backend", ["sdpa", "chunked", "flex"])
+def test_local_layer_ignores_tokens_beyond_window_global_does_not(backend):
     model = small_model(window_size=4)
+    model.attn_backend = backend
     global_block, local_block = model.transformer.h[0], model.transformer.h[1]
     assert (global_block.attention_type, local_block.attention_type) == ("global", "local")
     T, W, i = 12, 4, 10
@@ -36,13 +38,14 @@ def test_local_layer_ignores_tokens_beyond_window_global_does_not():
     x_far[0, i - W] = torch.randn(64)  # exactly one step outside the window of query i
     x_near = x.clone()
     x_near[0, i - W + 1] = torch.randn(64)  # the oldest key still inside the window
-    mask = model._local_mask(T, x.device)
-    with torch.no_grad():
-        local = local_block(x, mask)
-        assert torch.allclose(local_block(x_far, mask)[0, i], local[0, i], atol=1e-6)
-        assert (local_block(x_near, mask)[0, i] - local[0, i]).abs().max() > 1e-3
-        glob = global_block(x, None)
-        assert (global_block(x_far, None)[0, i] - glob[0, i]).abs().max() > 1e-3
+    with torch.no_grad():  # flex runs on CPU only without autograd
+        plan = model._plan(T, x.device, None, decode=False)
+        assert plan.local_impl == backend
+        local = local_block(x, plan)
+        assert torch.allclose(local_block(x_far, plan)[0, i], local[0, i], atol=1e-6)
+        assert (local_block(x_near, plan)[0, i] - local[0, i]).abs().max() > 1e-3
+        glob = global_block(x, plan)
+        assert (global_block(x_far, plan)[0, i] - glob[0, i]).abs().max() > 1e-3
 
 
 def test_init_std_per_group_follows_mesh_tf_scheme():
