@@ -5,6 +5,7 @@ imported, so a bad `--set` fails in milliseconds, naming the key, and no work st
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,35 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _download_progress():
+    """A progress bar (bytes and documents per second) while the download stage streams sources."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import tasks.download as dl
+
+    bar = Progress(TextColumn("[bold]download"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                   TimeElapsedColumn(), TextColumn("{task.fields[rate]}"))
+    state: dict = {}
+
+    def hook(p: dict) -> None:
+        if "task" not in state:
+            bar.start()
+            state["task"] = bar.add_task("download", total=100, rate="")
+        bar.update(state["task"], completed=100 * p["fraction"],
+                   rate=f"{p['docs']:,.0f} docs, {p['docs_per_s']:,.0f} docs/s, "
+                        f"{p['read_bytes_per_s'] / 1e6:,.1f} MB/s")
+        if p["fraction"] >= 1:
+            bar.stop()
+
+    dl.PROGRESS_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        dl.PROGRESS_HOOKS.remove(hook)
+        bar.stop()
 
 
 @app.command()
@@ -41,7 +71,8 @@ def run(
     typer.echo(f"neo: config {cfg.name!r}, workspace {ws}")
     from flows.pipeline import neo_pipeline
 
-    s = neo_pipeline(config=cfg, workspace=str(ws))
+    with _download_progress():
+        s = neo_pipeline(config=cfg, workspace=str(ws))
     reused = [name for name, r in s.stages.items() if r.reused]
     lines = [
         "",

@@ -661,6 +661,10 @@ def _retry_worth_it(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(exc, (PermanentTransferError, BadInputError, FileNotFoundError))
 
 
+PROGRESS_HOOKS: list[Callable[[dict[str, float]], None]] = []
+"""Extra listeners for download progress (the CLI's progress bar registers one)."""
+
+
 def _progress_sink(logger: Any) -> Callable[[dict[str, float]], None]:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -671,6 +675,8 @@ def _progress_sink(logger: Any) -> Callable[[dict[str, float]], None]:
                 f"{p['docs_per_s']:,.0f} docs/s, read {p['read_bytes_per_s'] / 1e6:,.1f} MB/s, "
                 f"transfer {p['transfer_bytes_per_s'] / 1e6:,.1f} MB/s")
         logger.info(line)
+        for hook in PROGRESS_HOOKS:
+            hook(p)
         try:
             if "id" not in state:
                 state["id"] = create_progress_artifact(progress=100 * p["fraction"],

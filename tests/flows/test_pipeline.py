@@ -90,9 +90,17 @@ def _stage_names(flow_run_id) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def first_run(harness, corpus, tmp_path_factory):
+    import tasks.download as dl
+
     ws = tmp_path_factory.mktemp("ws")
-    summary, flow_run_id = _run(_config(corpus), ws)
-    return {"ws": ws, "summary": summary, "flow_run_id": flow_run_id, "cfg": _config(corpus)}
+    progress: list[dict] = []
+    dl.PROGRESS_HOOKS.append(progress.append)  # what the CLI's progress bar listens to
+    try:
+        summary, flow_run_id = _run(_config(corpus), ws)
+    finally:
+        dl.PROGRESS_HOOKS.remove(progress.append)
+    return {"ws": ws, "summary": summary, "flow_run_id": flow_run_id, "cfg": _config(corpus),
+            "progress": progress}
 
 
 def test_end_to_end_outputs_accounting_and_registry(first_run, corpus):
@@ -105,6 +113,7 @@ def test_end_to_end_outputs_accounting_and_registry(first_run, corpus):
     # download: every file read, the malformed line quarantined with a reason naming file and line
     dl = st["download"].counts
     assert dl["docs"] == corpus["docs"] and dl["quarantined"] == 1
+    assert first_run["progress"][-1]["fraction"] == 1.0 and first_run["progress"][-1]["docs"] == dl["docs"]
     quarantine = (Path(st["download"].path) / "quarantine.jsonl").read_text().splitlines()
     assert len(quarantine) == 1 and "extra.jsonl" in quarantine[0]
     # clean -> dedup -> tokenize: documents in = kept + rejected + duplicates at every stage
