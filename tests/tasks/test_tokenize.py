@@ -448,6 +448,18 @@ def test_shards_read_with_duckdb(built):
     assert np.frombuffer(got[3][0], "<u2").tolist() == rows[3].tolist() and got[3][1] == n_bytes[3]
 
 
+def test_shards_read_with_hf_datasets(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    c, result = built
+    rows, n_bytes = read_rows(result.path, "train")
+    files = sorted(str(p) for p in (Path(result.path) / "train").glob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == rows.shape[0]
+    assert np.frombuffer(ds[3]["tokens"], "<u2").tolist() == rows[3].tolist() and ds[3]["n_bytes"] == n_bytes[3]
+
+
 def test_small_training_sample_limits_the_vocabulary(tmp_path, upstream):
     result = run_tokenize(cfg(train_sample_bytes=40), upstream, str(tmp_path / "ws"))
     assert result.info["vocab_size"] <= 257 + 40  # at most one merge per sampled byte
