@@ -188,6 +188,28 @@ def export_hf(model: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION, o
                "PreTrainedTokenizerFast.from_pretrained)")
 
 
+@app.command()
+def gc(workspace: Optional[Path] = typer.Option(None, "-w", "--workspace"),
+       keep_days: float = typer.Option(7.0, help="Keep anything changed within this many days."),
+       include_cache: bool = typer.Option(False, help="Also remove the download cache."),
+       yes: bool = typer.Option(False, "--yes", help="Delete; without it, only list (dry run).")) -> None:
+    """Remove stage outputs no registered model version or recent run refers to (dry run first)."""
+    from tasks import gc as retention
+
+    ws = (workspace or default_workspace()).resolve()
+    refs = retention.referenced_fingerprints(_registry_client(ws))
+    found = retention.collect(ws, refs, keep_days, include_cache)
+    for cand in found:
+        typer.echo(f"{'remove' if yes else 'would remove'} {cand.path}  ({cand.stage}, "
+                   f"{cand.bytes / 1e6:,.1f} MB, {cand.age_days:.1f} days old)")
+    total = sum(c.bytes for c in found)
+    if yes:
+        retention.remove(found)
+        typer.echo(f"removed {len(found)} directories, {total / 1e6:,.1f} MB")
+    else:
+        typer.echo(f"dry run: {len(found)} directories, {total / 1e6:,.1f} MB; rerun with --yes to delete")
+
+
 def main() -> None:
     app(prog_name="neo")
 

@@ -40,13 +40,28 @@ def _run_name() -> str:
 
 
 @flow(name="neo_pipeline", flow_run_name=_run_name, log_prints=True)
-def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | None = None) -> PipelineSummary:
-    """Pre-train and register a GPT-Neo model from a text corpus, end to end."""
+def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | None = None,
+                 train_deployment: str | None = None) -> PipelineSummary | StageResult:
+    """Pre-train and register a GPT-Neo model from a text corpus, end to end.
+
+    With `train_deployment` (e.g. "neo_train_eval_register/train-eval-register"), training,
+    evaluation and registration run as that deployment (on its work pool, e.g. GPU workers) once the
+    data stages are done here; the workspace must then be storage both pools can reach.
+    """
     ws = workspace or str(default_workspace())
     raw = download(config.corpus, ws)
     cleaned = clean(config.clean, raw, ws)
     deduped = dedup(config.dedup, cleaned, ws)
     tokens = tokenize(config.tokenizer, deduped, ws)
+    if train_deployment:
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(train_deployment, parameters={
+            "tokens_dir": tokens.path, "config": config.model_dump(mode="json"), "workspace": ws})
+        if not run.state or not run.state.is_completed():
+            raise RuntimeError(f"deployment {train_deployment} ended {run.state and run.state.name}: "
+                               f"flow run {run.id}")
+        return run.state.result()
     trained = train(config.train, config.model, tokens, ws)
     evaluated = evaluate(config.eval, trained, tokens, ws)
     registered = register(config.registry, evaluated, [raw, cleaned, deduped, tokens, trained],

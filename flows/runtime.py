@@ -15,6 +15,8 @@ OFFLINE_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "true",
+    # The ephemeral API's default 20 s start-up limit is too short on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 

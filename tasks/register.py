@@ -40,9 +40,11 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "tokenizers", "safetensors", "numpy", "pand
 
 def plan(cfg: RegistryConfig, upstream: StageResult, lineage: list[StageResult],
          params: dict[str, str], workspace: str) -> tuple[str, Path]:
+    # The evaluation's fingerprint already covers every stage before it; the lineage list is only what
+    # gets logged, so the same training registered from the full pipeline or from existing token
+    # shards (train-eval-register) is the same registration.
     code = code_version(__name__, VERSION)
-    fp = fingerprint(STAGE, cfg, [upstream.fingerprint, *(r.fingerprint for r in lineage),
-                                  stable_hash(params)], code)
+    fp = fingerprint(STAGE, cfg, [upstream.fingerprint, stable_hash(params)], code)
     return fp, stage_dir(workspace, "registry", fp)
 
 

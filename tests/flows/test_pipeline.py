@@ -182,6 +182,22 @@ def test_unchanged_rerun_is_served_from_cache(first_run, corpus):
     assert len(c.search_model_versions(f"name = '{first_run['cfg'].registry.model_name}'")) == 1
 
 
+def test_train_eval_register_flow_reuses_the_same_stages(first_run, tmp_path):
+    """The train-eval-register deployment's flow, given the tokens directory, is the same work."""
+    from flows.train import neo_train_eval_register, tokens_result
+
+    tokens = first_run["summary"].stages["tokenize"]
+    assert tokens_result(tokens.path).fingerprint == tokens.fingerprint
+    with pytest.raises(FileNotFoundError, match="not a complete tokenize stage"):
+        tokens_result(tmp_path)
+    state = neo_train_eval_register(tokens_dir=tokens.path, config=first_run["cfg"],
+                                    workspace=str(first_run["ws"]), return_state=True)
+    assert state.is_completed()
+    assert state.result().fingerprint == first_run["summary"].stages["register"].fingerprint
+    states, _ = _stage_names(state.state_details.flow_run_id)
+    assert states == {"train": "Cached", "evaluate": "Cached", "register": "Cached"}
+
+
 def test_worse_model_becomes_challenger(first_run, corpus):
     cfg = _config(corpus, "train.max_steps=2", "train.warmup_steps=1")
     summary, flow_run_id = _run(cfg, first_run["ws"])

@@ -1,0 +1,37 @@
+"""Flow `neo_train_eval_register`: train, evaluate and register from existing token shards.
+
+The `train-eval-register` deployment runs this on the `gpu` work pool; `retrain` hands over to it
+after the data stages ran on the `cpu` pool (see prefect.yaml and flows/pipeline.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.config import PipelineConfig, default_workspace, redacted_params
+from tasks.evaluate import evaluate
+from tasks.register import register
+from tasks.stage import StageResult, read_manifest, result_from_manifest
+from tasks.tokenize import INFO_KEYS as TOKEN_INFO_KEYS
+from tasks.train import train
+
+
+def tokens_result(tokens_dir: str | Path) -> StageResult:
+    """The StageResult of a complete tokens directory (fails clearly when it is not complete)."""
+    manifest = read_manifest(Path(tokens_dir))
+    if manifest is None or manifest.get("stage") != "tokenize":
+        raise FileNotFoundError(f"{tokens_dir}: not a complete tokenize stage directory (manifest missing "
+                                "or files changed); run the data-refresh deployment first")
+    return result_from_manifest(Path(tokens_dir), manifest, reused=True, info_keys=TOKEN_INFO_KEYS)
+
+
+@flow(name="neo_train_eval_register", log_prints=True)
+def neo_train_eval_register(tokens_dir: str, config: PipelineConfig = PipelineConfig(),
+                            workspace: str | None = None) -> StageResult:
+    """Train GPT-Neo on existing token shards, evaluate it and run the registry gate."""
+    ws = workspace or str(default_workspace())
+    tokens = tokens_result(tokens_dir)
+    trained = train(config.train, config.model, tokens, ws)
+    evaluated = evaluate(config.eval, trained, tokens, ws)
+    return register(config.registry, evaluated, [tokens, trained], redacted_params(config), ws)
