@@ -3,8 +3,9 @@
 A checkpoint is a directory `step-00000200/` holding
   config.json + model.safetensors   the model in Hugging Face GPT-Neo format (loads in transformers),
   optimizer.safetensors              AdamW state tensors, keyed `<param index>.<name>`,
-  rng.safetensors                    torch CPU (and CUDA) generator states,
-  trainer_state.json                 step, data position, MLflow run id, optimizer param groups.
+  rng.safetensors                    torch CPU (and CUDA) generator states, numpy's MT19937 keys,
+  trainer_state.json                 step, loader state, MLflow run id, optimizer param groups (the
+                                     scheduler is a pure function of the step), python/numpy RNG.
 `trainer_state.json` is written last, and the directory is built under a temporary name and renamed,
 so a crash mid-save never leaves a checkpoint that looks complete. Nothing is ever unpickled.
 """
@@ -17,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -38,7 +40,8 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                     state: dict[str, Any], keep: int = 2) -> Path:
-    """Write `root/step-XXXXXXXX/` atomically and prune all but the newest `keep` checkpoints."""
+    """Write `root/step-XXXXXXXX/` atomically and prune all but the newest `keep` checkpoints and
+    the one with the lowest `val_loss` in its state (when any has one)."""
     root = Path(root)
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
@@ -48,19 +51,47 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.op
     model.save_pretrained(tmp)
     tensors, groups = _optimizer_tensors(opt)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"torch_cpu": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    rng = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
     if torch.cuda.is_available():
         rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / "rng.safetensors"))
     full_state = {**state, "step": step, "param_groups": groups,
-                  "python_rng": _py_rng_to_json(random.getstate())}
+                  "python_rng": _py_rng_to_json(random.getstate()),
+                  "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     (tmp / STATE).write_text(json.dumps(full_state, indent=2, sort_keys=True))
     if final.exists():  # a re-save of the same step (e.g. after a retry) replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
+    best = best_checkpoint(root)
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
+        if old != best:
+            shutil.rmtree(old)
     return final
+
+
+def best_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the lowest validation loss (None when none recorded one)."""
+    scored = []
+    for path in list_checkpoints(root):
+        v = json.loads((path / STATE).read_text()).get("val_loss")
+        if v is not None and v == v:
+            scored.append((float(v), path))
+    return min(scored)[1] if scored else None
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json."""
+    return json.loads((Path(path) / STATE).read_text())
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Model weights only (init_from an earlier run's checkpoint: optimizer and RNG start fresh)."""
+    path = Path(path)
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    if set(missing) - {"lm_head.weight"} or unexpected:  # lm_head is tied to wte, absent on disk
+        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing}, "
+                         f"unexpected {unexpected}")
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -80,10 +111,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     """Restore model weights, optimizer state and RNG states; return the trainer state."""
     path = Path(path)
     state = json.loads((path / STATE).read_text())
-    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-    if set(missing) - {"lm_head.weight"} or unexpected:  # lm_head is tied to wte, absent on disk
-        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing}, "
-                         f"unexpected {unexpected}")
+    load_weights(path, model)
     if opt is not None:
         tensors = load_file(str(path / "optimizer.safetensors"))
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
@@ -98,6 +126,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     random.setstate(_py_rng_from_json(state["python_rng"]))
+    if "numpy_keys" in rng and "numpy_rng" in state:
+        kind, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((kind, rng["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     return state
 
 

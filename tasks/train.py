@@ -1,37 +1,47 @@
 """Train stage: pre-train GPT-Neo on the packed token rows, resumable, logged to one MLflow run.
 
-The run directory `runs/<fp>/` holds `checkpoints/step-*/` (see neo_model.checkpoint) and, when
-training finishes, `model/` (Hugging Face format + tokenizer.json) and the manifest. A crashed or
-retried training resumes from the newest checkpoint and keeps logging into the same MLflow run,
-whose id is stored in every checkpoint.
+The run directory `runs/<fp>/` holds `train_spec.json`, `checkpoints/step-*/` (see
+neo_model.checkpoint) and, when training finishes, `model/` (Hugging Face format + tokenizer.json)
+and the manifest. The loop itself lives in tasks/trainer.py and runs in a subprocess
+(`python -m tasks.train_entry`, or `torchrun` when `train.nproc` > 1) whose output is streamed into
+the task's log; a crashed or retried training resumes from the newest checkpoint and keeps logging
+into the same MLflow run, whose id is stored in every checkpoint.
 """
 from __future__ import annotations
 
-import math
-import shutil
+import json
+import os
+import subprocess
+import sys
 import time
+from collections import deque
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
-import torch
 
-from neo_model import GPTNeo, GPTNeoConfig
-from neo_model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, should_save
+from neo_model import GPTNeoConfig
+from neo_model.checkpoint import latest_checkpoint, read_state
 from tasks.config import ModelConfig, TrainConfig
 from tasks.export import write_tokenizer_files
 from tasks.stage import (StageResult, code_version, file_entry, fingerprint, read_manifest,
                          result_from_manifest, stage_dir, write_manifest)
-from tasks.tokenize import read_rows
 from tasks import tracking
+from tasks.trainer import (ERROR, METRICS, PROGRESS, RESULT, log_loss_curve, lr_at,  # noqa: F401
+                           make_optimizer, train_loop)
 
 STAGE = "train"
-VERSION = 1
-INFO_KEYS = ("run_id", "model_dir", "steps", "final_loss", "tokens_seen", "num_parameters")
+VERSION = 2
+INFO_KEYS = ("run_id", "model_dir", "steps", "final_loss", "tokens_seen", "num_parameters",
+             "skipped_steps", "val_loss", "init_from")
+NOT_FINGERPRINTED = {"in_process", "nproc"}  # how the loop is launched, not what it computes: a
+# run resumes on another number of processes (DDP equals one process to fp32 rounding)
 
 
 def plan(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace: str) -> tuple[str, Path]:
     code = code_version(__name__, VERSION)
-    fp = fingerprint(STAGE, {"train": cfg.model_dump(mode="json"), "model": model.model_dump(mode="json")},
+    fp = fingerprint(STAGE, {"train": cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED),
+                             "model": model.model_dump(mode="json")},
                      [upstream.fingerprint], code)
     return fp, stage_dir(workspace, "runs", fp)
 
@@ -50,19 +60,10 @@ def model_config(model: ModelConfig, tokens: StageResult) -> GPTNeoConfig:
     return cfg
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak (EleutherAI's schedule)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> np.ndarray:
-    """Rows for `step`: a fresh seeded permutation per epoch, so the batch depends only on the step
-    (exact resume from a step counter, independent of how many times training was restarted)."""
+    """Rows for `step`: a fresh seeded permutation per epoch, so the batch depends only on the step.
+    The loop now draws batches from `tasks.loader.TokenLoader` (its state is in every checkpoint);
+    this helper is kept for callers that want a step's rows without a loader."""
     g = np.arange(step * batch_size, (step + 1) * batch_size)
     epochs, pos = g // n_rows, g % n_rows
     out = np.empty(batch_size, dtype=np.int64)
@@ -72,25 +73,6 @@ def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> np.ndar
     return out
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (not biases, LayerNorms); fused kernels on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type == "cuda")
-
-
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 def _start_run(workspace: str, cfg: TrainConfig, fp: str, name: str) -> str:
     c = tracking.client(workspace)
     exp = tracking.experiment_id(c, cfg.experiment, workspace)
@@ -98,83 +80,145 @@ def _start_run(workspace: str, cfg: TrainConfig, fp: str, name: str) -> str:
     return run.info.run_id
 
 
+def resolve_init(cfg: TrainConfig, workspace: str, out: Path) -> str | None:
+    """A local directory (config.json + model.safetensors) holding the starting weights, or None.
+
+    `scratch` -> None; a checkpoint or Hugging Face GPT-Neo directory -> itself; `models:/NAME@alias`
+    or `models:/NAME/VERSION` -> the registered version's `hf_model` artifacts, downloaded once."""
+    src = cfg.init_from
+    if src == "scratch":
+        return None
+    if src.startswith("models:/"):
+        name, _, ref = src[len("models:/"):].partition("@")
+        c = tracking.client(workspace)
+        if ref:
+            mv = c.get_model_version_by_alias(name, ref)
+        else:
+            name, _, version = name.partition("/")
+            mv = c.get_model_version(name, version)
+        dest = out / "init_model"
+        if not (dest / "hf_model" / "config.json").is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            c.download_artifacts(mv.run_id, "hf_model", str(dest))
+        return str(dest / "hf_model")
+    path = Path(src).expanduser()
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise ValueError(f"train.init_from={src!r}: not 'scratch', a models:/ URI, or a directory with "
+                         f"config.json and safetensors weights (a checkpoint or Hugging Face GPT-Neo)")
+    return str(path.resolve())
+
+
+def init_model_config(init_dir: str | None, model: ModelConfig, tokens: StageResult) -> GPTNeoConfig:
+    """The preset's config, or the starting model's own when training continues from one."""
+    if init_dir is None:
+        return model_config(model, tokens)
+    cfg = GPTNeoConfig.from_hf_dict(json.loads((Path(init_dir) / "config.json").read_text()))
+    if cfg.vocab_size < tokens.info["vocab_size"]:
+        raise ValueError(f"init_from model vocab_size {cfg.vocab_size} < tokenizer vocab "
+                         f"{tokens.info['vocab_size']}: it was trained with another tokenizer")
+    if cfg.max_position_embeddings < tokens.info["seq_len"]:
+        raise ValueError(f"init_from model has {cfg.max_position_embeddings} positions, fewer than "
+                         f"tokenizer.seq_len {tokens.info['seq_len']}")
+    return cfg
+
+
+def launch(spec_path: Path, cfg: TrainConfig, on_line: Callable[[str], None]) -> None:
+    """Run the loop in a subprocess (torchrun for nproc > 1), streaming each output line to
+    `on_line`; raise the subprocess's error (its type when it is a FloatingPointError, ValueError
+    or RuntimeError) when it fails. The subprocess is killed if the caller is interrupted."""
+    entry = ["-m", "tasks.train_entry", str(spec_path)]
+    if cfg.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={cfg.nproc}", *entry]
+    else:
+        cmd = [sys.executable, *entry]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tail: deque[str] = deque(maxlen=40)
+    error: dict | None = None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, env=env)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if line.startswith(ERROR) and error is None:
+                error = json.loads(line[len(ERROR):])
+                continue
+            on_line(line)
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if rc == 0:
+        return
+    how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+    if error is not None:
+        kind = {"FloatingPointError": FloatingPointError, "ValueError": ValueError}.get(error["type"],
+                                                                                        RuntimeError)
+        raise kind(f"{error['message']} [training subprocess {error['type']}, {how}]")
+    raise RuntimeError(f"training subprocess failed ({how}); last output:\n" + "\n".join(tail))
+
+
 def run_train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace: str,
-              run_name: str = "neo-train", log=print) -> StageResult:
+              run_name: str = "neo-train", log=print,
+              progress: Callable[[dict[str, Any]], None] | None = None) -> StageResult:
     fp, out = plan(cfg, model, upstream, workspace)
     if (m := read_manifest(out)) is not None:
         return result_from_manifest(out, m, reused=True, info_keys=INFO_KEYS)
     started = time.time()
-    device = pick_device(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    mcfg = model_config(model, upstream)
-    net = GPTNeo(mcfg).to(device)
-    opt = make_optimizer(net, cfg, device)
-    rows, _ = read_rows(upstream.path, "train")
-    rows_t = torch.from_numpy(rows.astype(np.int64))
-    n_rows = rows_t.shape[0]
-
-    ckpt_root = out / "checkpoints"
-    step, tokens_seen, run_id = 0, 0, None
-    if (ckpt := latest_checkpoint(ckpt_root)) is not None:
-        state = load_checkpoint(ckpt, net, opt)
-        step, tokens_seen, run_id = state["step"], state["tokens_seen"], state["run_id"]
-        log(f"resuming from {ckpt} (step {step}, MLflow run {run_id})")
-    if run_id is None:
-        run_id = _start_run(workspace, cfg, fp, run_name)
+    out.mkdir(parents=True, exist_ok=True)
+    init_dir = resolve_init(cfg, workspace, out)
+    mcfg = init_model_config(init_dir, model, upstream)
     c = tracking.client(workspace)
-    c.set_tag(run_id, "neo.device", device.type)
-    n_params = net.num_parameters()
-    tokens_per_step = cfg.batch_size * (rows.shape[1] - 1)
+    ckpt = latest_checkpoint(out / "checkpoints")
+    run_id = read_state(ckpt).get("run_id") if ckpt is not None else None
+    if run_id is None:
+        run_id = _start_run(workspace, cfg, fp, run_name)  # config params: logged by register
+    c.set_tag(run_id, "neo.init_from", cfg.init_from)
+    if init_dir is not None:
+        c.set_tag(run_id, "neo.init_dir", init_dir)
+    spec = {"train": cfg.model_dump(mode="json"), "model": mcfg.to_hf_dict(), "tokens_dir": upstream.path,
+            "out_dir": str(out), "workspace": str(workspace), "run_id": run_id, "fingerprint": fp,
+            "init_dir": init_dir}
+    spec_path = out / "train_spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
 
-    net.train()
-    loss_val, t_last, last_good = float("nan"), time.time(), step
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = rows_t[torch.from_numpy(batch_indices(step, cfg.batch_size, n_rows, cfg.seed))].to(device)
-        _, loss = net(batch[:, :-1], targets=batch[:, 1:])
-        loss_val = loss.item()
-        if not math.isfinite(loss_val):
-            raise FloatingPointError(
-                f"non-finite loss ({loss_val}) at step {step} of run {run_id}; the last good "
-                f"checkpoint (step {last_good}) is kept in {ckpt_root} and a rerun resumes from it")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip).item()
-        opt.step()
-        step += 1
-        tokens_seen += tokens_per_step
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            now = time.time()
-            tps = tokens_per_step * cfg.log_every / max(now - t_last, 1e-9)
-            t_last = now
-            tracking.log_metrics(c, run_id, {"train_loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                                             "tokens_per_s": tps}, step=step)
-            log(f"step {step}/{cfg.max_steps} loss {loss_val:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
-        if should_save(step, cfg.checkpoint_every, cfg.max_steps):
-            save_checkpoint(ckpt_root, step, net, opt, {"tokens_seen": tokens_seen, "run_id": run_id,
-                                                        "train_fingerprint": fp})
-            last_good = step
+    def on_line(line: str) -> None:
+        if line.startswith(METRICS):
+            m = json.loads(line[len(METRICS):])
+            tracking.log_metrics(c, run_id, m["metrics"], step=m["step"])
+        elif line.startswith(PROGRESS):
+            if progress is not None:
+                progress(json.loads(line[len(PROGRESS):]))
+        else:
+            log(line)
 
+    (out / RESULT).unlink(missing_ok=True)
+    if cfg.in_process:
+        train_loop(spec, emit=on_line)
+    else:
+        launch(spec_path, cfg, on_line)
+    res = json.loads((out / RESULT).read_text())
     model_dir = out / "model"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    net.save_pretrained(model_dir)
     write_tokenizer_files(model_dir, Path(upstream.path) / "tokenizer.json")
+    log_loss_curve(c, run_id)
+    c.set_tag(run_id, "neo.device", res["device"])
+    c.set_tag(run_id, "neo.world_size", str(res["world_size"]))
     c.set_terminated(run_id, "FINISHED")
     files = [file_entry(p, out) for p in sorted(model_dir.iterdir())]
     manifest = write_manifest(
         out, stage=STAGE, fp=fp, code=code_version(__name__, VERSION),
         config={"train": cfg.model_dump(mode="json"), "model": model.model_dump(mode="json"),
                 "neo_model": mcfg.to_hf_dict()},
-        inputs=[upstream.fingerprint], counts={"steps": step, "tokens_seen": tokens_seen},
-        files=files, started=started, run_id=run_id, model_dir=str(model_dir), steps=step,
-        final_loss=loss_val, tokens_seen=tokens_seen, num_parameters=n_params, device=device.type)
+        inputs=[upstream.fingerprint],
+        counts={"steps": res["steps"], "tokens_seen": res["tokens_seen"],
+                "skipped_steps": res["skipped_steps"]},
+        files=files, started=started, run_id=run_id, model_dir=str(model_dir), steps=res["steps"],
+        final_loss=res["final_loss"], tokens_seen=res["tokens_seen"],
+        num_parameters=res["num_parameters"], device=res["device"], skipped_steps=res["skipped_steps"],
+        val_loss=res["val_loss"], init_from=cfg.init_from, world_size=res["world_size"])
     return result_from_manifest(out, manifest, reused=False, info_keys=INFO_KEYS)
-
 
 # ---------------------------------------------------------------------------- Prefect wrapper
 
@@ -185,12 +229,35 @@ from tasks.prefect_stage import report, stage_task  # noqa: E402
 
 @stage_task(STAGE, plan, retries=1)
 def train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace: str) -> StageResult:
-    """Pre-train GPT-Neo; a retry resumes from the newest checkpoint in the same MLflow run."""
+    """Pre-train GPT-Neo in a subprocess; a retry resumes from the newest checkpoint in the same
+    MLflow run. Progress (percent, tokens/s, loss, ETA) is kept in a Prefect progress artifact."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
     logger = get_run_logger()
-    result = run_train(cfg, model, upstream, workspace, log=logger.info)
+    artifact: dict[str, Any] = {}
+
+    def progress(p: dict[str, Any]) -> None:
+        pct = 100.0 * p["step"] / p["max_steps"]
+        eta = "?" if p.get("eta_s") is None else f"{p['eta_s']:.0f} s"
+        desc = (f"step {p['step']}/{p['max_steps']}, loss {p['loss']:.4f}, "
+                f"{p['tokens_per_s']:,.0f} tokens/s, ETA {eta}")
+        try:
+            if "id" not in artifact:
+                artifact["id"] = create_progress_artifact(progress=pct, key="train-progress",
+                                                          description=desc)
+            else:
+                update_progress_artifact(artifact["id"], progress=pct, description=desc)
+        except Exception as e:  # progress reporting must never fail the training
+            logger.debug(f"progress artifact not updated: {e}")
+
+    result = run_train(cfg, model, upstream, workspace, log=logger.info, progress=progress)
     logger.info(f"trained {result.counts['steps']} steps, final loss {result.info['final_loss']:.4f}, "
                 f"MLflow run {result.info['run_id']}")
+    val = result.info.get("val_loss")
     report(STAGE, result, [f"- MLflow run: `{result.info['run_id']}`",
+                           f"- started from: `{result.info.get('init_from', 'scratch')}`",
                            f"- parameters: {result.info['num_parameters']:,}",
-                           f"- final train loss: {result.info['final_loss']:.4f}"])
+                           f"- final train loss: {result.info['final_loss']:.4f}",
+                           f"- skipped (non-finite) steps: {result.info.get('skipped_steps', 0)}",
+                           *([f"- final val loss: {val:.4f}"] if val is not None else [])])
     return result

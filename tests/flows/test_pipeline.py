@@ -73,7 +73,7 @@ def _run(cfg, ws):
     return state.result(), state.state_details.flow_run_id
 
 
-def _stage_names(flow_run_id) -> dict[str, str]:
+def _stage_names(flow_run_id, expected: int = len(STAGES)) -> dict[str, str]:
     """Stage -> final state name, from the task run names (`<stage>-<fingerprint>`)."""
     import time
 
@@ -81,7 +81,8 @@ def _stage_names(flow_run_id) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         while True:  # task-run states are written asynchronously: wait until every run has one
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if all(r.state is not None and r.state.is_final() for r in runs) or time.time() > deadline:
+            done = len(runs) >= expected and all(r.state is not None and r.state.is_final() for r in runs)
+            if done or time.time() > deadline:
                 break
             time.sleep(0.2)
     return ({r.name.rsplit("-", 1)[0]: r.state.name if r.state else None for r in runs},
@@ -194,7 +195,7 @@ def test_train_eval_register_flow_reuses_the_same_stages(first_run, tmp_path):
                                     workspace=str(first_run["ws"]), return_state=True)
     assert state.is_completed()
     assert state.result().fingerprint == first_run["summary"].stages["register"].fingerprint
-    states, _ = _stage_names(state.state_details.flow_run_id)
+    states, _ = _stage_names(state.state_details.flow_run_id, expected=3)
     assert states == {"train": "Cached", "evaluate": "Cached", "register": "Cached"}
 
 
