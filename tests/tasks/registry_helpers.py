@@ -41,3 +41,18 @@ def evaluation(ws: Path, result: StageResult, tag: str, bpb: float) -> StageResu
     return StageResult(stage="evaluate", fingerprint=f"{tag:e<16}", path=str(d),
                        info={"metrics": metrics, "run_id": result.info["run_id"],
                              "model_dir": result.info["model_dir"], "samples_path": str(d / "samples.json")})
+
+
+TRAIN_WORDS = "def return value index self import class for in if else None True".split()
+
+
+def word_tokens(tmp_path_factory, seed: int, n_docs: int, fp_char: str) -> StageResult:
+    """A tokenize stage (vocab 300, seq_len 32) over `n_docs` random word documents."""
+    docs_dir = tmp_path_factory.mktemp("dedup")
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(TRAIN_WORDS) for _ in range(rng.randint(60, 200))) for _ in range(n_docs)]
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(n_docs)], "text": texts, "source": ["t"] * n_docs}),
+                   docs_dir / "docs-00000.parquet")
+    upstream = StageResult(stage="dedup", fingerprint=fp_char * 16, path=str(docs_dir))
+    ws = tmp_path_factory.mktemp("ws")
+    return run_tokenize(TokenizerConfig(vocab_size=300, seq_len=32, val_fraction=0.2), upstream, str(ws))

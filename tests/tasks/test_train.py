@@ -1,21 +1,18 @@
 """Train stage: schedule, decay groups, accumulation, z-loss, NaN handling, exact resume in the same
 MLflow run, init_from. Runs the loop in-process (fast); tests/tasks/test_trainer_subprocess.py covers
 the subprocess, SIGKILL and torchrun paths."""
-import random
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from registry_helpers import word_tokens
 import torch
 from safetensors.torch import load_file
 
 import tasks.train as train_mod
 from tasks import trainer
 from tasks import tracking
-from tasks.config import ModelConfig, TokenizerConfig, TrainConfig
+from tasks.config import ModelConfig, TrainConfig
 from tasks.stage import StageResult
-from tasks.tokenize import run_tokenize
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,15 +26,7 @@ def shared_mlflow(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> StageResult:
-    docs_dir = tmp_path_factory.mktemp("dedup")
-    rng = random.Random(0)
-    words = "def return value index self import class for in if else None True".split()
-    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(60, 200))) for _ in range(60)]
-    pq.write_table(pa.table({"id": [f"d{i}" for i in range(60)], "text": texts, "source": ["t"] * 60}),
-                   docs_dir / "docs-00000.parquet")
-    upstream = StageResult(stage="dedup", fingerprint="f" * 16, path=str(docs_dir))
-    ws = tmp_path_factory.mktemp("ws")
-    return run_tokenize(TokenizerConfig(vocab_size=300, seq_len=32, val_fraction=0.2), upstream, str(ws))
+    return word_tokens(tmp_path_factory, seed=0, n_docs=60, fp_char="f")
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():

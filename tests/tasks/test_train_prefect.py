@@ -1,10 +1,8 @@
 """The Prefect train task: its subprocess's output reaches the task's logs through Prefect's API, a
 retry after a crash resumes from the last checkpoint, and a progress artifact tracks the training."""
-import random
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from registry_helpers import word_tokens
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -13,22 +11,13 @@ from prefect.testing.utilities import prefect_test_harness
 
 import tasks.train as train_mod
 from tasks import tracking, trainer
-from tasks.config import ModelConfig, TokenizerConfig, TrainConfig
+from tasks.config import ModelConfig, TrainConfig
 from tasks.stage import StageResult
-from tasks.tokenize import run_tokenize
 
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> StageResult:
-    docs_dir = tmp_path_factory.mktemp("dedup")
-    rng = random.Random(2)
-    words = "def return value index self import class for in if else None True".split()
-    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(60, 200))) for _ in range(40)]
-    pq.write_table(pa.table({"id": [f"d{i}" for i in range(40)], "text": texts, "source": ["t"] * 40}),
-                   docs_dir / "docs-00000.parquet")
-    upstream = StageResult(stage="dedup", fingerprint="c" * 16, path=str(docs_dir))
-    ws = tmp_path_factory.mktemp("ws")
-    return run_tokenize(TokenizerConfig(vocab_size=300, seq_len=32, val_fraction=0.2), upstream, str(ws))
+    return word_tokens(tmp_path_factory, seed=2, n_docs=40, fp_char="c")
 
 
 def test_retry_resumes_from_checkpoint_and_logs_reach_prefect(tokens, tmp_path, monkeypatch):

@@ -1,18 +1,15 @@
 """Train stage in its subprocess: output streamed, SIGKILL mid-run then bit-identical resume,
 2-process DDP (torchrun, gloo on CPU) equal to one process, resume on another number of processes."""
-import random
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from registry_helpers import word_tokens
 import torch
 from safetensors.torch import load_file
 
 import tasks.train as train_mod
 from tasks import tracking, trainer
-from tasks.config import ModelConfig, TokenizerConfig, TrainConfig
+from tasks.config import ModelConfig, TrainConfig
 from tasks.stage import StageResult
-from tasks.tokenize import run_tokenize
 
 MODEL = ModelConfig(preset="debug", overrides={"max_position_embeddings": 64})
 
@@ -27,15 +24,7 @@ def shared_mlflow(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> StageResult:
-    docs_dir = tmp_path_factory.mktemp("dedup")
-    rng = random.Random(1)
-    words = "def return value index self import class for in if else None True".split()
-    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(60, 200))) for _ in range(60)]
-    pq.write_table(pa.table({"id": [f"d{i}" for i in range(60)], "text": texts, "source": ["t"] * 60}),
-                   docs_dir / "docs-00000.parquet")
-    upstream = StageResult(stage="dedup", fingerprint="e" * 16, path=str(docs_dir))
-    ws = tmp_path_factory.mktemp("ws")
-    return run_tokenize(TokenizerConfig(vocab_size=300, seq_len=32, val_fraction=0.2), upstream, str(ws))
+    return word_tokens(tmp_path_factory, seed=1, n_docs=60, fp_char="e")
 
 
 def _cfg(**kw):
