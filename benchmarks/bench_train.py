@@ -10,7 +10,11 @@ same number of steps. On a CUDA machine (`--gpu`) the same comparison runs with 
 
     .venv/bin/python benchmarks/bench_train.py            # CPU figures for RESULTS.md
     .venv/bin/python benchmarks/bench_train.py --smoke    # seconds, tiny sizes (make test)
-    PYTHONPATH=. python benchmarks/bench_train.py --gpu   # lent GPU: 125M tokens/s and MFU
+    PYTHONPATH=. python benchmarks/bench_train.py --gpu   # GPU with the project installed
+
+`--gpu` needs the project's dependencies (pydantic, tokenizers, Prefect: it tokenizes a corpus and runs
+the real loop). On a bare GPU machine with only torch, `benchmarks/bench_gpu_train.py` is the one-command
+check: 125M tokens/s and MFU (bf16, TF32, optional compile) and an FSDP2 sanity check on one GPU.
 """
 from __future__ import annotations
 

@@ -56,23 +56,27 @@ def _download_progress():
 def run(
     config: str = typer.Option("tiny", "-c", "--config", help="Preset name in configs/ or a YAML path."),
     set_: list[str] = typer.Option([], "--set", help="Override: section.key=value (repeatable)."),
-    workspace: Optional[Path] = typer.Option(None, "-w", "--workspace",
-                                             help="Workspace root (default $NEO_HOME or ./.neo)."),
+    workspace: Optional[str] = typer.Option(
+        None, "-w", "--workspace", help="Workspace root (default $NEO_HOME or ./.neo), or an fsspec "
+        "URL on shared storage such as s3://bucket/prefix (computed in a local copy under $NEO_CACHE_DIR)."),
 ) -> None:
     """Run the whole pipeline: download, clean, dedup, tokenize, train, evaluate, register."""
+    from tasks import storage
+
     try:
         cfg = load_config(config, set_)
-    except ConfigError as exc:
+        shared = workspace if workspace and storage.is_remote(workspace) else None
+        ws = Path(storage.attach(shared)) if shared else Path(workspace or default_workspace()).resolve()
+    except (ConfigError, ValueError) as exc:
         _fail(str(exc))
-    ws = (workspace or default_workspace()).resolve()
     from flows.runtime import configure, ui_instructions
 
     configure(ws)
-    typer.echo(f"neo: config {cfg.name!r}, workspace {ws}")
+    typer.echo(f"neo: config {cfg.name!r}, workspace {shared + f' (local copy {ws})' if shared else ws}")
     from flows.pipeline import neo_pipeline
 
     with _download_progress():
-        s = neo_pipeline(config=cfg, workspace=str(ws))
+        s = neo_pipeline(config=cfg, workspace=shared or str(ws))
     reused = [name for name, r in s.stages.items() if r.reused]
     lines = [
         "",
@@ -208,6 +212,33 @@ def gc(workspace: Optional[Path] = typer.Option(None, "-w", "--workspace"),
         typer.echo(f"removed {len(found)} directories, {total / 1e6:,.1f} MB")
     else:
         typer.echo(f"dry run: {len(found)} directories, {total / 1e6:,.1f} MB; rerun with --yes to delete")
+
+
+notify_app = typer.Typer(no_args_is_help=True, help="Notifications through Prefect automations.")
+app.add_typer(notify_app, name="notify")
+
+
+@notify_app.command("setup")
+def notify_setup(webhook: str = typer.Option(..., "--webhook", help="URL that receives JSON POSTs.")) -> None:
+    """Notify WEBHOOK of failed retrain runs and model promotions (idempotent; needs PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        _fail("PREFECT_API_URL is not set: automations live on a Prefect server (e.g. `neo stack up`)")
+    from flows import notify
+
+    try:
+        done = notify.setup(webhook)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"webhook block {notify.BLOCK_NAME!r} ({done.block_id}) -> {webhook}")
+    for name, automation_id in done.automations.items():
+        typer.echo(f"automation {name!r}: {automation_id}")
+
+
+from flows.stack import stack_app  # noqa: E402  (no Prefect import: `neo stack` starts fast)
+
+app.add_typer(stack_app, name="stack")
 
 
 def main() -> None:

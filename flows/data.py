@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 
 from prefect import flow, task
 
-from tasks import shards
+from tasks import shards, storage
 from tasks.clean import clean, report_lines as clean_report_lines, run_clean
 from tasks.config import PipelineConfig, default_workspace
 from tasks.dedup import dedup, report_lines as dedup_report_lines, run_dedup
@@ -60,8 +60,10 @@ def prefect_mapper(fn: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
 def neo_data(config: PipelineConfig = PipelineConfig(), workspace: str | None = None,
              per_shard_tasks: bool = False,
              through: Literal["dedup", "tokenize"] = "tokenize") -> dict[str, StageResult]:
-    """Prepare training data: raw shards, cleaned, de-duplicated and tokenized."""
-    ws = workspace or str(default_workspace())
+    """Prepare training data: raw shards, cleaned, de-duplicated and tokenized. `workspace` may be
+    an fsspec URL (e.g. s3://bucket/prefix): stages then compute in a local working copy and share
+    their outputs through it (`tasks/storage.py`)."""
+    ws = storage.attach(workspace or str(default_workspace()))
     raw = download(config.corpus, ws)
     if per_shard_tasks:
         cleaned = run_clean(config.clean, raw, ws, mapper=prefect_mapper)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
+from tasks import storage
 from tasks.clean import clean
 from tasks.config import PipelineConfig, default_workspace, redacted_params
 from tasks.dedup import dedup
@@ -39,6 +40,27 @@ def _run_name() -> str:
     return f"neo-{name or 'pipeline'}"
 
 
+HOLD_FILE_ENV = "NEO_HOLD_FILE"
+"""Operations hook: while the file this variable names exists, a run waits before its first stage."""
+
+
+def _hold_while_file_exists() -> None:
+    """Keep a started run in its concurrency slot until the hold file is removed.
+
+    Lets a test (or an operator draining a host) hold `retrain` deterministically, without timing:
+    pass `NEO_HOLD_FILE` in the run's job variables (`env`), delete the file to release it. Unset,
+    as in every scheduled run, this returns at once.
+    """
+    import os
+    import time
+
+    path = os.environ.get(HOLD_FILE_ENV)
+    if path and os.path.exists(path):
+        print(f"held: waiting until {path} is removed ({HOLD_FILE_ENV})")
+        while os.path.exists(path):
+            time.sleep(0.2)
+
+
 @flow(name="neo_pipeline", flow_run_name=_run_name, log_prints=True)
 def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | None = None,
                  train_deployment: str | None = None) -> PipelineSummary | StageResult:
@@ -46,9 +68,12 @@ def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | Non
 
     With `train_deployment` (e.g. "neo_train_eval_register/train-eval-register"), training,
     evaluation and registration run as that deployment (on its work pool, e.g. GPU workers) once the
-    data stages are done here; the workspace must then be storage both pools can reach.
+    data stages are done here; the workspace must then be storage both pools can reach (an fsspec
+    URL such as s3://bucket/prefix; the token directory is handed over as its URL there).
     """
-    ws = workspace or str(default_workspace())
+    _hold_while_file_exists()
+    shared = workspace or str(default_workspace())
+    ws = storage.attach(shared)  # a URL workspace: a local working copy, mirrored (tasks/storage.py)
     raw = download(config.corpus, ws)
     cleaned = clean(config.clean, raw, ws)
     deduped = dedup(config.dedup, cleaned, ws)
@@ -57,7 +82,8 @@ def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | Non
         from prefect.deployments import run_deployment
 
         run = run_deployment(train_deployment, parameters={
-            "tokens_dir": tokens.path, "config": config.model_dump(mode="json"), "workspace": ws})
+            "tokens_dir": storage.shared_path(tokens.path), "config": config.model_dump(mode="json"),
+            "workspace": shared})
         if not run.state or not run.state.is_completed():
             raise RuntimeError(f"deployment {train_deployment} ended {run.state and run.state.name}: "
                                f"flow run {run.id}")
@@ -68,7 +94,7 @@ def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | Non
                           redacted_params(config), ws)
     m = evaluated.info["metrics"]
     stages = {r.stage: r for r in (raw, cleaned, deduped, tokens, trained, evaluated, registered)}
-    return PipelineSummary(workspace=ws, model_name=registered.info["model_name"],
+    return PipelineSummary(workspace=shared, model_name=registered.info["model_name"],
                            version=registered.info["version"], alias=registered.info["alias"],
                            val_ppl=m["val_ppl"], val_bpb=m["val_bpb"], unigram_val_bpb=m["unigram_val_bpb"],
                            run_id=registered.info["run_id"], stages=stages)

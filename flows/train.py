@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from tasks import storage
 from tasks.config import PipelineConfig, default_workspace, redacted_params
 from tasks.evaluate import evaluate
 from tasks.register import register
@@ -26,12 +27,13 @@ def tokens_result(tokens_dir: str | Path) -> StageResult:
     return result_from_manifest(Path(tokens_dir), manifest, reused=True, info_keys=TOKEN_INFO_KEYS)
 
 
-@flow(name="neo_train_eval_register", log_prints=True)
+# persist_result: `retrain` reads this run's result (the registration) after handing over to it.
+@flow(name="neo_train_eval_register", log_prints=True, persist_result=True)
 def neo_train_eval_register(tokens_dir: str, config: PipelineConfig = PipelineConfig(),
                             workspace: str | None = None) -> StageResult:
     """Train GPT-Neo on existing token shards, evaluate it and run the registry gate."""
-    ws = workspace or str(default_workspace())
-    tokens = tokens_result(tokens_dir)
+    ws = storage.attach(workspace or str(default_workspace()))
+    tokens = tokens_result(storage.localize(tokens_dir))  # a URL: fetched from shared storage
     trained = train(config.train, config.model, tokens, ws)
     evaluated = evaluate(config.eval, trained, tokens, ws)
     return register(config.registry, evaluated, [tokens, trained], redacted_params(config), ws)

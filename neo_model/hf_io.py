@@ -49,7 +49,13 @@ def _shard_groups(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list
 
 
 def save_pretrained(model: GPTNeo, directory: str | Path, max_shard_size: int | None = None) -> Path:
-    """Write the weights, then `directory/config.json`; returns the directory.
+    """Write the weights, then `directory/config.json`; returns the directory (see write_pretrained)."""
+    return write_pretrained(model.config, model.state_dict(), directory, max_shard_size)
+
+
+def write_pretrained(config: GPTNeoConfig, state_dict: dict[str, torch.Tensor], directory: str | Path,
+                     max_shard_size: int | None = None) -> Path:
+    """Write a GPT-Neo state dict (e.g. gathered from a sharded model), then `directory/config.json`.
 
     Up to max_shard_size bytes (default DEFAULT_MAX_SHARD_SIZE, HF's 5 GB) the weights go into one
     `model.safetensors`; above it into `model-0000i-of-0000n.safetensors` shards plus HF's
@@ -63,7 +69,7 @@ def save_pretrained(model: GPTNeo, directory: str | Path, max_shard_size: int | 
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     # safetensors refuses shared or strided storage: drop the tied head, copy views into fresh tensors.
     tensors = {k: v.detach().to("cpu").contiguous()
-               for k, v in model.state_dict().items() if k != _TIED_KEY}
+               for k, v in state_dict.items() if k != _TIED_KEY}
     dtype = next(iter(tensors.values())).dtype
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     groups = _shard_groups(tensors, limit) if total > limit else [list(tensors)]
@@ -89,7 +95,7 @@ def save_pretrained(model: GPTNeo, directory: str | Path, max_shard_size: int | 
     for stale in [*directory.glob("model*.safetensors"), directory / INDEX_NAME]:
         if stale.name not in written and stale.exists():
             stale.unlink()
-    config = model.config.to_hf_dict()
+    config = config.to_hf_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     # config.json last: a directory with a config is a complete checkpoint.
     _atomic_write(directory / CONFIG_NAME,
@@ -131,6 +137,12 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise ValueError("lm_head.weight differs from transformer.wte.weight: GPTNeo ties the output head "
                          "to the token embedding and cannot load an untied head")
     return state
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint directory's tensors on CPU (single-file or sharded), normalised as GPTNeo names
+    them, without the tied head."""
+    return _normalise_keys(_read_state_dict(Path(directory), "cpu"))
 
 
 def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu",

@@ -13,8 +13,6 @@ into the stage directory. So when the corpus grows, only new shards are cleaned.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -22,16 +20,16 @@ from typing import Any, Callable, Iterator, Sequence
 from prefect import get_run_logger
 
 from tasks.config import CleanConfig
-from tasks.filters import fixer_config, reasons_for, repair  # noqa: F401  (re-exported)
+from tasks.filters import LINE_RULES, fixer_config, reasons_for, repair  # noqa: F401  (re-exported)
 from tasks.prefect_stage import report, stage_task
 from tasks.shards import (DOC_COLUMNS, DOC_SCHEMA, REJECT_SCHEMA, ParquetSink,  # noqa: F401
-                          clean_shard, iter_parquet_rows, pool_map)
+                          clean_shard, iter_parquet_rows, link, pool_map)
 from tasks.stage import (StageResult, check_accounting, code_version, file_entry, fingerprint,
                          prepare_dir, read_manifest, result_from_manifest, stable_hash, stage_dir,
                          write_manifest)
 
 STAGE = "clean"
-VERSION = 2
+VERSION = 3
 INFO_KEYS = ("repaired", "ast_reverted", "lines_removed", "profiles", "shards_run", "shards_reused",
              "timings")
 
@@ -62,24 +60,42 @@ def upstream_files(upstream: StageResult, prefix: str) -> list[Path]:
     return [path for path, _ in upstream_entries(upstream, prefix)]
 
 
-def link(src: Path, dst: Path) -> None:
-    """Hard-link an immutable unit output into a stage directory (copy across filesystems)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def config_key(cfg: Any) -> dict:
     """What of a config section decides the output: everything except the worker count."""
     return cfg.model_dump(mode="json", exclude={"workers"})
 
 
+def stage_plan(stage: str, module: str, version: int, cfg: Any, upstream: StageResult,
+               workspace: str) -> tuple[str, Path, str]:
+    """(fingerprint, stage directory, code version) of a per-shard stage over `upstream`."""
+    code = code_version(module, version)
+    fp = fingerprint(stage, config_key(cfg), [upstream.fingerprint], code)
+    return fp, stage_dir(workspace, stage, fp), code
+
+
+def unit_outputs(cfg: Any, upstream: StageResult, code: str, prefix: str,
+                 units: Path) -> list[tuple[str, str]]:
+    """(input file, unit output directory) for every upstream file starting with `prefix`; a unit
+    directory is named by the config, the code and its input's sha256, so unchanged shards are
+    reused when the corpus grows."""
+    return [(str(path), str(units / stable_hash({"config": config_key(cfg), "code": code, "input": sha})))
+            for path, sha in upstream_entries(upstream, prefix)]
+
+
+def finished(directory: Path, info_keys: Sequence[str]) -> StageResult | None:
+    """The result recorded in a complete stage directory, or None when it is not complete."""
+    manifest = read_manifest(directory)
+    return None if manifest is None else result_from_manifest(directory, manifest, reused=True,
+                                                               info_keys=info_keys)
+
+
+def unit_mapper(mapper: Mapper | None, workers: int | None) -> Mapper:
+    """`mapper`, or by default a local process pool of `workers`."""
+    return mapper or (lambda fn, jobs: pool_map(fn, jobs, workers))
+
+
 def _plan(cfg: CleanConfig, upstream: StageResult, workspace: str) -> tuple[str, Path, str]:
-    code = code_version(__name__, VERSION)
-    fp = fingerprint(STAGE, config_key(cfg), [upstream.fingerprint], code)
-    return fp, stage_dir(workspace, STAGE, fp), code
+    return stage_plan(STAGE, __name__, VERSION, cfg, upstream, workspace)
 
 
 def plan(cfg: CleanConfig, upstream: StageResult, workspace: str) -> tuple[str, Path]:
@@ -92,36 +108,37 @@ def active_reasons(cfg: CleanConfig) -> tuple[str, ...]:
 
 def shard_jobs(cfg: CleanConfig, upstream: StageResult, workspace: str) -> list[tuple]:
     """One `clean_shard` job per raw shard, each with its own content-addressed output directory."""
-    code = code_version(__name__, VERSION)
-    reasons = active_reasons(cfg)
-    jobs = []
-    for path, sha in upstream_entries(upstream, "shard-"):
-        unit = stable_hash({"config": config_key(cfg), "code": code, "input": sha})
-        jobs.append((cfg, str(path), str(Path(workspace) / STAGE / "shards" / unit), reasons))
-    return jobs
+    code, reasons = code_version(__name__, VERSION), active_reasons(cfg)
+    return [(cfg, path, out, reasons)
+            for path, out in unit_outputs(cfg, upstream, code, "shard-", Path(workspace) / STAGE / "shards")]
 
 
 def assemble(cfg: CleanConfig, upstream: StageResult, workspace: str, jobs: list[tuple],
              summaries: list[dict], started: float) -> StageResult:
     """Link unit outputs into the stage directory, check the accounting, write the manifest."""
     fp, directory, code = _plan(cfg, upstream, workspace)
-    if (manifest := read_manifest(directory)) is not None:
-        return result_from_manifest(directory, manifest, reused=True, info_keys=INFO_KEYS)
+    if (done := finished(directory, INFO_KEYS)) is not None:
+        return done
     prepare_dir(directory)
     reasons = active_reasons(cfg)
     counts = {"docs_in": 0, "kept": 0, **{f"rejected:{r}": 0 for r in reasons}}
-    info: dict[str, Any] = {"repaired": 0, "ast_reverted": 0, "lines_removed": 0, "profiles": {},
-                            "shards_run": 0, "shards_reused": 0}
-    entries, unit_seconds = [], 0.0
+    info: dict[str, Any] = {"repaired": 0, "ast_reverted": 0, "profiles": {},
+                            "lines_removed": dict.fromkeys(LINE_RULES, 0), "shards_run": 0,
+                            "shards_reused": 0}
+    entries, unit_seconds, cleaning = [], 0.0, 0.0
     for i, (job, summary) in enumerate(zip(jobs, summaries)):
         for key, value in summary["counts"].items():
             counts[key] += value
-        for key in ("repaired", "ast_reverted", "lines_removed"):
+        for key in ("repaired", "ast_reverted"):
             info[key] += summary[key]
+        for rule, n in summary["lines_removed"].items():
+            info["lines_removed"][rule] += n
         for name, n in summary["profiles"].items():
             info["profiles"][name] = info["profiles"].get(name, 0) + n
         info["shards_reused" if summary["reused"] else "shards_run"] += 1
-        unit_seconds += 0.0 if summary["reused"] else summary["seconds"]
+        if not summary["reused"]:
+            unit_seconds += summary["seconds"]
+            cleaning += summary["cleaning_seconds"]
         unit = Path(job[2])
         docs, rejected = directory / f"docs-{i:05d}.parquet", directory / "rejected" / f"rejected-{i:05d}.parquet"
         link(unit / "docs.parquet", docs)
@@ -131,6 +148,8 @@ def assemble(cfg: CleanConfig, upstream: StageResult, workspace: str, jobs: list
     check_accounting(counts, counts["docs_in"], ["kept", *(f"rejected:{r}" for r in reasons)],
                      f"clean {directory}")
     info["timings"] = {"clean_shards_cpu_s": round(unit_seconds, 3),
+                       "repair_and_filters_s": round(cleaning, 3),
+                       "read_and_write_s": round(unit_seconds - cleaning, 3),
                        "wall_s": round(time.time() - started, 3)}
     manifest = write_manifest(directory, stage=STAGE, fp=fp, code=code, config=cfg,
                               inputs=[upstream.fingerprint], counts=counts, files=entries,
@@ -142,12 +161,10 @@ def run_clean(cfg: CleanConfig, upstream: StageResult, workspace: str,
               mapper: Mapper | None = None) -> StageResult:
     """Clean every raw shard of `upstream` into Parquet documents plus a rejection ledger."""
     started = time.time()
-    _, directory, _ = _plan(cfg, upstream, workspace)
-    if (manifest := read_manifest(directory)) is not None:
-        return result_from_manifest(directory, manifest, reused=True, info_keys=INFO_KEYS)
+    if (done := finished(_plan(cfg, upstream, workspace)[1], INFO_KEYS)) is not None:
+        return done
     jobs = shard_jobs(cfg, upstream, workspace)
-    mapper = mapper or (lambda fn, js: pool_map(fn, js, cfg.workers))
-    summaries = mapper(clean_shard, jobs)
+    summaries = unit_mapper(mapper, cfg.workers)(clean_shard, jobs)
     return assemble(cfg, upstream, workspace, jobs, summaries, started)
 
 
@@ -157,8 +174,8 @@ def report_lines(result: StageResult) -> list[str]:
     rows = [f"| {k.split(':', 1)[1]} | {v:,} |" for k, v in c.items() if k.startswith("rejected:") and v]
     return [f"- kept: {kept_rate:.1%} of documents",
             f"- repaired by ftfy or normalization: {info.get('repaired', 0)}; Python files left as "
-            f"they were to keep their AST: {info.get('ast_reverted', 0)}; C4 lines removed: "
-            f"{info.get('lines_removed', 0)}",
+            f"they were to keep their AST: {info.get('ast_reverted', 0)}",
+            f"- lines removed by the C4 line rules (prose): {info.get('lines_removed', {})}",
             f"- documents per profile: {info.get('profiles', {})}",
             f"- shards cleaned: {info.get('shards_run', 0)}, reused: {info.get('shards_reused', 0)}",
             f"- time per sub-step: {info.get('timings', {})}",

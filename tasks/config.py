@@ -149,6 +149,18 @@ class ProseFilters(Section):
     """C4 rejects any page with a '{' (`c4_curly_bracket`); off by default: it drops prose about code."""
     c4_drop_noise_lines: bool = True
     """C4: remove lines mentioning javascript or cookie/terms-of-use boilerplate (lines, not documents)."""
+    c4_terminal_punct: bool = True
+    """C4 (Raffel et al. 2020, section 2.2): keep only lines ending in a terminal punctuation mark
+    (`c4_end_marks`); the others are removed. FineWeb left this rule out: it removes much web text."""
+    c4_end_marks: list[str] = Field(default_factory=lambda: [".", "!", "?", '"', "\u201d"])
+    """C4 section 2.2: period, exclamation mark, question mark, end quotation mark (ASCII or curly)."""
+    c4_min_words_per_line: int = Field(default=3, ge=0)
+    """C4 section 2.2 (as datatrove's C4QualityFilter applies it): lines with fewer words are removed."""
+    c4_min_sentences: int = Field(default=5, ge=0)
+    """C4 section 2.2: a page with fewer sentences (after the line rules) -> `c4_sentences`."""
+    c4_min_lines: int = Field(default=1, ge=0)
+    """A document the C4 line rules leave with fewer non-blank lines -> `c4_lines_left` (checked
+    before the other rules see what is left, so it is not booked as `empty`)."""
 
 
 class CodeFilters(Section):
@@ -350,7 +362,17 @@ class TrainConfig(Section):
     (models:/NAME@alias or models:/NAME/VERSION) or a Hugging Face GPT-Neo directory; the optimizer
     starts fresh in all but scratch-and-resume."""
     nproc: int = Field(default=1, gt=0)
-    """Processes (torchrun --nproc_per_node) the training runs in; >1 uses DDP."""
+    """Processes (torchrun --nproc_per_node) the training runs in on this node; >1 uses `parallel`."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes: DDP (full replicas) or FSDP2 (fully_shard per transformer block, bf16
+    compute on CUDA); checkpoints are consolidated either way and resume under both."""
+    nnodes: int = Field(default=1, gt=0)
+    """Nodes (torchrun --nnodes); >1 needs rdzv_endpoint. The task's node is node 0 (global rank 0
+    writes checkpoints and prints metrics); every other node runs the same torchrun command with its
+    own --node_rank on the same spec (see README, Training)."""
+    rdzv_endpoint: str | None = Field(default=None, pattern=r"^[^:\s]+:\d+$")
+    """host:port of node 0 for multi-node runs (torchrun --master_addr/--master_port, static
+    rendezvous); None: --standalone on one node."""
     peak_flops: float | None = Field(default=None, gt=0)
     """Peak FLOP/s of one device for MFU; None = looked up for known GPUs, no MFU on CPU."""
     in_process: bool = False
@@ -358,12 +380,14 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _train_shape(self) -> TrainConfig:
-        if self.in_process and self.nproc != 1:
-            raise ValueError("train.in_process needs train.nproc = 1")
+        if self.in_process and (self.nproc != 1 or self.nnodes != 1):
+            raise ValueError("train.in_process needs train.nproc = 1 and train.nnodes = 1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"train.nnodes = {self.nnodes} needs train.rdzv_endpoint (host:port)")
         if self.micro_batch_size is not None and self.batch_tokens is None \
-                and self.batch_size % (self.micro_batch_size * self.nproc):
-            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of "
-                             f"micro_batch_size * nproc ({self.micro_batch_size} * {self.nproc})")
+                and self.batch_size % (self.micro_batch_size * self.nproc * self.nnodes):
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                             f"* nproc * nnodes ({self.micro_batch_size} * {self.nproc} * {self.nnodes})")
         return self
 
 

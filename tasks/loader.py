@@ -14,7 +14,7 @@ rank r gets the r-th contiguous slice of them, so
   repeated or skipped.
 
 Rows are decoded without copying: each Parquet chunk's binary buffer is viewed as a
-[rows, seq_len + 1] uint16 array (`tasks.tokenize.read_chunks`); only the rows of a batch are
+[rows, seq_len + 1] uint16 array (`tasks.token_rows.read_chunks`); only the rows of a batch are
 gathered and widened to int64. The split is held in memory as Arrow buffers (2 bytes a token).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tasks.stage import read_manifest
-from tasks.tokenize import read_chunks
+from tasks.token_rows import read_chunks  # not tasks.tokenize: that imports Prefect
 
 STATE_VERSION = 1
 
@@ -98,7 +98,7 @@ class TokenLoader(torch.utils.data.IterableDataset):
         sizes = np.array([len(c) for c in self.chunks], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         total = int(self.starts[-1])
-        # rows withheld (e.g. `tasks.tokenize.rows_of_documents` for documents removed on request):
+        # rows withheld (e.g. `tasks.token_rows.rows_of_documents` for documents removed on request):
         # the order then permutes the kept rows only
         self.kept = None if exclude_rows is None else np.setdiff1d(np.arange(total), exclude_rows)
         self.num_rows = total if self.kept is None else len(self.kept)

@@ -5,10 +5,13 @@ Two signature methods with the same output shape (`bands * rows` uint32 values p
 `permutations`, classic MinHash, hashes each shingle `bands * rows` times.
 
 Why not a library: datasketch hashes every shingle with sha1 through Python calls and updates one
-document at a time; rensa is not installed here. Here every word is hashed once with xxhash (a
-well-kept, fast C hash: `xxh3_64`), shingle hashes are combined from word hashes with numpy
-arithmetic for a whole batch of documents at once, and `oph` needs one more hash per shingle
-instead of 112. The `permutations` method applies `(a * x + b) >> 32` multiply-shift hashing
+document at a time; rensa is not installed here. Here the words of a whole batch of documents are
+hashed at once without a Python call per word (`word_hashes`: polynomial hashes read off numpy
+prefix sums, then MurmurHash3's finalizer; per-word `xxh3_64` calls cost more than all the numpy
+passes together, bench_dedup.py's profile), shingle hashes are combined from word hashes with
+numpy arithmetic, and `oph` needs one more hash per shingle instead of 112. xxhash (well kept,
+fast C) still gives the 128-bit exact-duplicate keys (`exact_key`), one call per document.
+The `permutations` method applies `(a * x + b) >> 32` multiply-shift hashing
 (Dietzfelbinger et al. 1997) with random odd 64-bit `a` to a (hashes x shingles) array. Both give
 unbiased Jaccard estimates (tests/tasks/test_minhash.py); `benchmarks/bench_dedup.py` compares them
 with datasketch on the same corpus.
@@ -35,28 +38,70 @@ def hash_params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-BATCH_WORDS = 1 << 18
-"""Words hashed at a time (bounded memory for any shard)."""
+BATCH_BYTES = 1 << 20
+"""Text bytes hashed at a time (bounded memory for any shard; a longer text goes alone)."""
+WORD_BASE = 0x9E3779B97F4A7C15
+"""Odd, so invertible modulo 2^64: a word's polynomial hash is read off prefix sums."""
+_POWERS: dict[str, np.ndarray] = {}
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(WORD_BASE^j, WORD_BASE^-j) mod 2^64 for j < n, cached and grown by doubling."""
+    if len(_POWERS.get("up", ())) < n:
+        size = max(n, 2 * len(_POWERS.get("up", ())), 1 << 16)
+        for name, base in (("up", WORD_BASE), ("down", pow(WORD_BASE, -1, 1 << 64))):
+            table = np.full(size, base, dtype=np.uint64)
+            table[0] = 1
+            _POWERS[name] = np.cumprod(table, dtype=np.uint64)  # wraps modulo 2^64
+    return _POWERS["up"][:n], _POWERS["down"][:n]
+
+
+def word_hashes(buf: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64 hash, start offset) of every ASCII-whitespace-separated word of `buf`, vectorized:
+    a polynomial hash sum((b_j + 1) * B^(j - start)) from prefix sums, its length mixed in, then
+    MurmurHash3's finalizer. Equal words hash equal wherever they stand. Prefix sums run over runs
+    of whole words of about `BATCH_BYTES`, so one huge text costs no more memory than a batch."""
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    inside = np.zeros(len(arr) + 2, dtype=bool)
+    # not ASCII whitespace (what bytes.split() splits on): space, or \t \n \v \f \r (9..13)
+    np.logical_and(arr != 32, (arr - np.uint8(9)) > 4, out=inside[1:-1])
+    change = np.flatnonzero(inside[1:] != inside[:-1])  # word starts and ends, alternating
+    starts, ends = change[0::2], change[1::2]
+    raw = np.empty(len(starts), dtype=np.uint64)
+    cuts = np.unique(np.searchsorted(starts, np.arange(0, len(arr) + BATCH_BYTES, BATCH_BYTES)))
+    for i0, i1 in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        lo, hi = int(starts[i0]), int(ends[i1 - 1])
+        up, down = _powers(hi - lo + 1)
+        prefix = np.zeros(hi - lo + 1, dtype=np.uint64)
+        x = arr[lo:hi].astype(np.uint64)
+        x += np.uint64(1)
+        x *= up[:hi - lo]
+        np.cumsum(x, out=prefix[1:])
+        s, e = starts[i0:i1] - lo, ends[i0:i1] - lo
+        raw[i0:i1] = (prefix[e] - prefix[s]) * down[s]
+    return fmix64(raw ^ ((ends - starts).astype(np.uint64) * BAND_MULT)), starts
 
 
 def shingle_hashes_batch(texts: Sequence[str], ngram: int) -> list[np.ndarray]:
     """uint64 hashes of the lowercased word n-grams of each text (empty when fewer words than n).
-    Words are hashed for a whole batch of texts at once; n-grams never cross two texts."""
+    Words are hashed for a whole batch of texts at once (`word_hashes`, no Python call per word);
+    n-grams never cross two texts."""
     out: list[np.ndarray] = []
     i = 0
     while i < len(texts):
-        words: list[bytes] = []
-        counts = []
-        while i < len(texts) and (not counts or len(words) < BATCH_WORDS):
-            split = texts[i].lower().encode("utf-8").split()  # ASCII whitespace, as code and prose
-            words += split
-            counts.append(len(split))
+        batch: list[bytes] = []
+        size = 0
+        while i < len(texts) and (not batch or size < BATCH_BYTES):
+            batch.append(texts[i].lower().encode("utf-8"))
+            size += len(batch[-1]) + 1
             i += 1
-        w = np.fromiter(map(xxhash.xxh3_64_intdigest, words), dtype=np.uint64, count=len(words))
-        doc = np.repeat(np.arange(len(counts)), counts)
+        w, starts = word_hashes(b"\n".join(batch))  # the newline keeps words of two texts apart
+        doc_starts = np.cumsum([0] + [len(b) + 1 for b in batch])
+        per_doc = np.diff(np.searchsorted(starts, doc_starts))  # words of each text
+        doc = np.repeat(np.arange(len(batch)), per_doc)
         m = len(w) - ngram + 1
         if m <= 0:
-            out += [np.empty(0, dtype=np.uint64)] * len(counts)
+            out += [np.empty(0, dtype=np.uint64)] * len(batch)
             continue
         h = w[:m].copy()
         for k in range(1, ngram):
@@ -65,8 +110,8 @@ def shingle_hashes_batch(texts: Sequence[str], ngram: int) -> list[np.ndarray]:
         h ^= h >> np.uint64(29)  # spread high bits of the polynomial into the low ones
         valid = doc[:m] == doc[ngram - 1:]
         h, hdoc = h[valid], doc[:m][valid]
-        bounds = np.searchsorted(hdoc, np.arange(len(counts) + 1))
-        out += [h[bounds[j]:bounds[j + 1]] for j in range(len(counts))]
+        bounds = np.searchsorted(hdoc, np.arange(len(batch) + 1))
+        out += [h[bounds[j]:bounds[j + 1]] for j in range(len(batch))]
     return out
 
 
@@ -111,7 +156,7 @@ def signatures(shingles: Sequence[np.ndarray], a: np.ndarray, b: np.ndarray) -> 
     return out
 
 
-def _fmix64(h: np.ndarray) -> np.ndarray:
+def fmix64(h: np.ndarray) -> np.ndarray:
     """MurmurHash3's 64-bit finalizer: every input bit affects every output bit."""
     h = h ^ (h >> np.uint64(33))
     h *= np.uint64(0xFF51AFD7ED558CCD)
@@ -138,7 +183,7 @@ def oph_signatures(shingles: Sequence[np.ndarray], num_perm: int, seed: int) -> 
     lengths = np.fromiter((len(s) for s in shingles), dtype=np.int64, count=d)
     if d == 0 or lengths.sum() == 0:
         return out
-    h = _fmix64(np.concatenate(shingles) ^ np.uint64(xxhash.xxh64_intdigest(str(seed).encode())))
+    h = fmix64(np.concatenate(shingles) ^ np.uint64(xxhash.xxh64_intdigest(str(seed).encode())))
     doc = np.repeat(np.arange(d, dtype=np.int64), lengths)
     bins = (((h >> np.uint64(32)) * np.uint64(num_perm)) >> np.uint64(32)).astype(np.int64)
     np.minimum.at(out.reshape(-1), doc * num_perm + bins, (h & np.uint64(0xFFFFFFFF)).astype(np.uint32))

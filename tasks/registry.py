@@ -6,6 +6,7 @@ registry itself tells who was promoted when and why.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
+PROMOTED_EVENT = "neo.model.promoted"
+"""Prefect event emitted whenever a version becomes champion (flows/notify.py notifies on it)."""
 
 
 @dataclass
@@ -50,7 +53,27 @@ def promote(c: MlflowClient, name: str, version: str, reason: str = "promoted by
     if alias_version(c, name, CHALLENGER) == str(version):
         c.delete_registered_model_alias(name, CHALLENGER)
     _record(c, name, str(version), "champion", reason)
+    announce_promotion(name, str(version), old, reason)
     return old
+
+
+def announce_promotion(name: str, version: str, previous: str | None, reason: str) -> None:
+    """Emit `neo.model.promoted` where a Prefect API is in reach (a server configured, or inside a
+    run); never fails the promotion it reports (a lost event is logged, not raised)."""
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+        from prefect.events import emit_event
+        from prefect.settings import PREFECT_API_URL
+
+        if not (PREFECT_API_URL.value() or FlowRunContext.get() or TaskRunContext.get()):
+            return  # no server: emitting would start an ephemeral Prefect API just for this
+        emit_event(PROMOTED_EVENT, resource={"prefect.resource.id": f"neo.model.{name}.{version}",
+                                             "prefect.resource.name": f"{name} v{version}",
+                                             "neo.model.name": name, "neo.model.version": version},
+                   payload={"previous_champion": previous, "reason": reason})
+    except Exception as exc:  # noqa: BLE001 - notification is best effort, registration is not
+        logging.getLogger(__name__).warning("could not emit %s for %s v%s: %s", PROMOTED_EVENT, name,
+                                            version, exc)
 
 
 def mark_challenger(c: MlflowClient, name: str, version: str, reason: str) -> None:
@@ -68,6 +91,7 @@ def rollback(c: MlflowClient, name: str) -> tuple[str, str]:
     _record(c, name, previous, "champion", f"rollback from version {current}")
     if current is not None:
         _record(c, name, current, "rolled-back", f"replaced by version {previous} in a rollback")
+    announce_promotion(name, previous, current, f"rollback from version {current}")
     return current or "", previous
 
 

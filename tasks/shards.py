@@ -25,8 +25,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from tasks.config import CleanConfig, DedupConfig
-from tasks.filters import (c4_drop_lines, fixer_config, normalize_whitespace, profile_for, rejection,
-                           repair, same_python_ast)
+from tasks.filters import LINE_RULES, clean_document, fixer_config
 from tasks.minhash import (band_keys, exact_key, hash_params, oph_signatures, shingle_hashes_batch,
                            signatures)
 from tasks.stage import atomic_path, write_json_atomic
@@ -140,6 +139,16 @@ def pool_map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int | None)
         return [f.result() for f in futures]
 
 
+def link(src: Path, dst: Path) -> None:
+    """Hard-link an immutable file (a unit output, an unchanged input) to `dst` (copy across
+    filesystems)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _npy(directory: Path, name: str, array: np.ndarray) -> None:
     with atomic_path(directory / name) as tmp:
         with open(tmp, "wb") as f:
@@ -165,35 +174,32 @@ def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) 
     _start(directory)
     fixer = fixer_config(cfg)
     counts = {"docs_in": 0, "kept": 0, **{f"rejected:{r}": 0 for r in reasons}}
-    drop_noise = cfg.prose_rules.c4_drop_noise_lines
-    stats = {"repaired": 0, "ast_reverted": 0, "lines_removed": 0}
+    stats = {"repaired": 0, "ast_reverted": 0}
+    lines_removed = dict.fromkeys(LINE_RULES, 0)
     profiles: dict[str, int] = {}
+    cleaning = 0.0  # seconds in repair, normalization, line rules and filters; the rest is I/O
     with ParquetSink(directory / "docs.parquet", DOC_SCHEMA) as docs, \
             ParquetSink(directory / "rejected.parquet", REJECT_SCHEMA) as rejected:
         for doc in read_raw_shard(Path(shard)):
             counts["docs_in"] += 1
-            raw = doc["text"]
-            profile = profile_for(doc["id"], cfg)
-            profiles[profile] = profiles.get(profile, 0) + 1
-            text = repair(raw, fixer)
-            stats["repaired"] += text != raw
-            text = normalize_whitespace(text, profile)
-            if profile == "prose" and drop_noise:
-                text, dropped = c4_drop_lines(text)
-                stats["lines_removed"] += dropped
-            if text != raw and doc["id"].endswith((".py", ".pyi")) and not same_python_ast(raw, text):
-                text = raw  # cleaning must never change what a Python file means
-                stats["ast_reverted"] += 1
-            found = rejection(text, profile, cfg)
-            if found is None:
-                docs.add(id=doc["id"], text=text, source=doc["source"])
+            t = time.perf_counter()
+            out = clean_document(doc["text"], doc["id"], cfg, fixer)
+            cleaning += time.perf_counter() - t
+            profiles[out.profile] = profiles.get(out.profile, 0) + 1
+            stats["repaired"] += out.repaired
+            stats["ast_reverted"] += out.ast_reverted
+            for rule, n in out.lines_removed.items():
+                lines_removed[rule] += n
+            if out.rejection is None:
+                docs.add(id=doc["id"], text=out.text, source=doc["source"])
                 counts["kept"] += 1
             else:
-                reason, value = found
+                reason, value = out.rejection
                 rejected.add(id=doc["id"], source=doc["source"], reason=reason, value=float(value),
-                             n_chars=len(text), profile=profile)
+                             n_chars=len(out.text), profile=out.profile)
                 counts[f"rejected:{reason}"] += 1
-    summary = {"counts": counts, **stats, "profiles": profiles, "seconds": time.time() - started}
+    summary = {"counts": counts, **stats, "lines_removed": lines_removed, "profiles": profiles,
+               "seconds": time.time() - started, "cleaning_seconds": cleaning}
     return {**_finish(directory, summary, ["docs.parquet", "rejected.parquet"]), "reused": False}
 
 
@@ -239,12 +245,18 @@ def write_dedup_shard(docs: str, out: str, duplicate_rows: list[int], ledger: li
         return {**done, "reused": True}
     started = time.time()
     _start(directory)
-    table = pq.read_table(docs)
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[duplicate_rows] = False
-    with atomic_path(directory / "docs.parquet") as tmp:
-        pq.write_table(table.filter(pa.array(keep)).select(list(DOC_COLUMNS)), tmp,
-                       compression="zstd", row_group_size=FLUSH_ROWS)
+    source = pq.ParquetFile(docs)
+    if duplicate_rows or source.schema_arrow.names != list(DOC_COLUMNS):
+        table = source.read()
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[duplicate_rows] = False
+        with atomic_path(directory / "docs.parquet") as tmp:
+            pq.write_table(table.filter(pa.array(keep)).select(list(DOC_COLUMNS)), tmp,
+                           compression="zstd", row_group_size=FLUSH_ROWS)
+    else:  # nothing removed: the clean shard itself (same columns, immutable), not a rewrite
+        link(Path(docs), directory / "docs.parquet")
+        keep = np.ones(source.metadata.num_rows, dtype=bool)
+    source.close()
     with atomic_path(directory / "duplicates.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist(ledger, schema=DUPLICATE_SCHEMA), tmp, compression="zstd")
     summary = {"kept": int(keep.sum()), "duplicates": len(duplicate_rows),

@@ -4,7 +4,9 @@ A stage writes into `<workspace>/<stage>/<fingerprint>/`. The fingerprint hashes
 section, its inputs' fingerprints and its code version. Files are written under a temporary name
 and renamed; `manifest.json` is written last and is the completion marker: a directory whose manifest
 exists and whose files have the recorded sizes is complete and never rewritten; anything else there
-is a partial run and is rebuilt. Nothing here imports Prefect (see `tasks/prefect_stage.py`).
+is a partial run and is rebuilt. A workspace on shared storage (an fsspec URL) is mirrored by
+`tasks/storage.py` through `read_manifest` and `write_manifest`. Nothing here imports Prefect
+(see `tasks/prefect_stage.py`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pydantic import BaseModel, Field
+
+from tasks import storage
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("tasks", "neo_model", "flows")
@@ -186,7 +190,17 @@ def file_entry(path: Path, base: Path, rows: int | None = None) -> dict[str, Any
 
 
 def read_manifest(directory: Path) -> dict | None:
-    """The manifest if the directory is complete (manifest present, files at recorded sizes)."""
+    """The manifest if the directory is complete (manifest present, files at recorded sizes).
+
+    In a workspace on shared storage (`tasks/storage.py`), an incomplete local directory is first
+    fetched from a complete remote copy, if there is one."""
+    manifest = _local_manifest(directory)
+    if manifest is None and storage.fetch(directory):
+        manifest = _local_manifest(directory)
+    return manifest
+
+
+def _local_manifest(directory: Path) -> dict | None:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
@@ -220,17 +234,21 @@ def prepare_dir(directory: Path) -> None:
 def write_manifest(directory: Path, *, stage: str, fp: str, code: str, config: Any,
                    inputs: list[str], counts: dict[str, int], files: list[dict[str, Any]],
                    started: float, **extra: Any) -> dict:
-    """Write `manifest.json` last: from now on the directory is complete."""
+    """Write `manifest.json` last: from now on the directory is complete (and, in a workspace on
+    shared storage, uploaded: data files first, the manifest last)."""
     manifest = {"stage": stage, "fingerprint": fp, "code_version": code,
                 "config": config.model_dump(mode="json") if isinstance(config, BaseModel) else config,
                 "inputs": inputs, "counts": counts, "files": files,
                 "seconds": round(time.time() - started, 3), **extra}
     write_json_atomic(Path(directory) / MANIFEST, manifest)
+    storage.publish(directory)
     return manifest
 
 
 def result_from_manifest(directory: Path, manifest: dict, reused: bool,
                          info_keys: tuple[str, ...] = ()) -> StageResult:
+    if reused:  # shared storage: a retry after a failed upload finds the directory complete here
+        storage.publish(directory)
     return StageResult(stage=manifest["stage"], fingerprint=manifest["fingerprint"],
                        path=str(directory), counts=manifest["counts"],
                        info={k: manifest[k] for k in info_keys if k in manifest}, reused=reused)

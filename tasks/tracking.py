@@ -1,7 +1,8 @@
 """MLflow location and run helpers shared by train, evaluate and register.
 
 Embedded default: tracking and registry in `sqlite:///<workspace>/mlflow/mlflow.db` with artifacts
-under `<workspace>/mlflow/artifacts`. Setting `MLFLOW_TRACKING_URI` (and optionally
+under `<workspace>/mlflow/artifacts` (for a workspace on S3, `<workspace URL>/mlflow/artifacts`, the
+SQLite store staying in the local working copy). Setting `MLFLOW_TRACKING_URI` (and optionally
 `MLFLOW_REGISTRY_URI`) points every stage at a real server instead, with no code change.
 """
 from __future__ import annotations
@@ -12,6 +13,12 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+
+from tasks import storage
+
+ARTIFACT_PROTOCOLS = ("s3://", "gs://", "wasbs://", "abfss://", "hdfs://")
+"""Workspace URLs MLflow can also store artifacts under (S3 needs boto3 and, for an S3-compatible
+endpoint, `MLFLOW_S3_ENDPOINT_URL`)."""
 
 
 def tracking_uri(workspace: str | Path) -> str:
@@ -40,8 +47,12 @@ def experiment_id(c: MlflowClient, name: str, workspace: str | Path) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):  # a server decides its own artifact root
-        location = (Path(workspace).resolve() / "mlflow" / "artifacts").as_uri()
+    # A tracking server decides its own artifact root; a database URI alone would put artifacts in
+    # ./mlruns of whatever directory the process runs in, so they go to the workspace instead.
+    if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://", "databricks")):
+        local = Path(workspace).resolve() / "mlflow" / "artifacts"
+        remote = storage.remote_url(local)  # a workspace on shared storage keeps artifacts there
+        location = remote if remote and remote.startswith(ARTIFACT_PROTOCOLS) else local.as_uri()
     return c.create_experiment(name, artifact_location=location)
 
 

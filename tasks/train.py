@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from pydantic import ValidationError
 
 from neo_model import GPTNeoConfig
 from neo_model.checkpoint import latest_checkpoint, read_state
@@ -34,8 +35,9 @@ STAGE = "train"
 VERSION = 2
 INFO_KEYS = ("run_id", "model_dir", "steps", "final_loss", "tokens_seen", "num_parameters",
              "skipped_steps", "val_loss", "init_from")
-NOT_FINGERPRINTED = {"in_process", "nproc"}  # how the loop is launched, not what it computes: a
-# run resumes on another number of processes (DDP equals one process to fp32 rounding)
+NOT_FINGERPRINTED = {"in_process", "nproc", "parallel", "nnodes", "rdzv_endpoint"}  # how
+# the loop is launched, not what it computes: a run resumes on another number of processes and under
+# DDP or FSDP (both equal one process to fp32 rounding on CPU; consolidated checkpoints)
 
 
 def plan(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace: str) -> tuple[str, Path]:
@@ -122,16 +124,26 @@ def init_model_config(init_dir: str | None, model: ModelConfig, tokens: StageRes
     return cfg
 
 
+def torchrun_args(cfg: TrainConfig, node_rank: int = 0) -> list[str]:
+    """torchrun's flags: --standalone on one node; on several, static rendezvous at node 0's
+    train.rdzv_endpoint (this task runs node 0, so global rank 0 prints the metrics here; node k runs
+    `torchrun` with these flags for `node_rank=k` on the same spec). Other torchrun settings pass
+    through as its PET_* environment variables (e.g. PET_MAX_RESTARTS)."""
+    if cfg.nnodes == 1 and not cfg.rdzv_endpoint:
+        return ["--standalone", f"--nproc_per_node={cfg.nproc}"]
+    host, _, port = cfg.rdzv_endpoint.rpartition(":")
+    return [f"--nnodes={cfg.nnodes}", f"--nproc_per_node={cfg.nproc}", f"--node_rank={node_rank}",
+            f"--master_addr={host}", f"--master_port={port}"]
+
+
 def launch(spec_path: Path, cfg: TrainConfig, on_line: Callable[[str], None]) -> None:
     """Run the loop in a subprocess (torchrun for nproc > 1), streaming each output line to
     `on_line`; raise the subprocess's error (its type when it is a FloatingPointError, ValueError
     or RuntimeError) when it fails. The subprocess is killed if the caller is interrupted."""
     entry = ["-m", "tasks.train_entry", str(spec_path)]
-    if cfg.nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={cfg.nproc}", *entry]
-    else:
-        cmd = [sys.executable, *entry]
+    cmd = [sys.executable, *entry]
+    if cfg.nproc > 1 or cfg.nnodes > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg), *entry]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=40)
     error: dict | None = None
@@ -160,9 +172,29 @@ def launch(spec_path: Path, cfg: TrainConfig, on_line: Callable[[str], None]) ->
     raise RuntimeError(f"training subprocess failed ({how}); last output:\n" + "\n".join(tail))
 
 
+NPROC_ENV = "NEO_TRAIN_NPROC"
+"""Set by the host (e.g. infra/k8s/gpu-job-template.json: the GPUs the pod got): overrides
+`train.nproc` at launch. nproc is a launch setting, so the run's fingerprint does not change."""
+
+
+def host_settings(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the host's process count from NEO_TRAIN_NPROC, validated like the config."""
+    value = os.environ.get(NPROC_ENV, "").strip()
+    if not value or cfg.in_process:
+        return cfg
+    try:
+        return TrainConfig.model_validate({**cfg.model_dump(), "nproc": int(value)})
+    except ValidationError as exc:
+        why = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise ValueError(f"{NPROC_ENV}={value!r} does not fit the train config: {why}") from None
+    except ValueError:
+        raise ValueError(f"{NPROC_ENV}={value!r} is not a whole number of processes") from None
+
+
 def run_train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace: str,
               run_name: str = "neo-train", log=print,
               progress: Callable[[dict[str, Any]], None] | None = None) -> StageResult:
+    cfg = host_settings(cfg)
     fp, out = plan(cfg, model, upstream, workspace)
     if (m := read_manifest(out)) is not None:
         return result_from_manifest(out, m, reused=True, info_keys=INFO_KEYS)

@@ -1,4 +1,4 @@
-"""The pre-training loop: one process or one rank of a `torchrun` job (DDP), exactly resumable.
+"""The pre-training loop: one process or one rank of a `torchrun` job (DDP or FSDP2), exactly resumable.
 
 `train_loop(spec)` is what `python -m tasks.train_entry SPEC.json` runs (and what `tasks.train` calls
 in-process when `train.in_process` is set). The spec is plain JSON written by `tasks.train.run_train`:
@@ -13,6 +13,11 @@ contiguous share of the loader's global order and splits it into `micro_batch_si
 state is world-size independent, so a run resumes on any number of processes. Every step reseeds torch
 from (seed, step, rank), so dropout does not depend on how often the run was restarted.
 
+`train.parallel: fsdp` (with several processes) shards the model with FSDP2 per transformer block and
+the root (`neo_model.parallel`; bf16 parameters in compute on CUDA, fp32 master weights and gradient
+reduction). Checkpoints and the final model hold the consolidated state either way (gathered to rank 0),
+so a run saved under FSDP resumes under DDP or in one process, and the other way round.
+
 Test hooks (environment, only in a run that did not resume from a checkpoint):
 `NEO_TRAIN_TEST_KILL_AT_STEP=k` SIGKILLs the process before step k, `NEO_TRAIN_TEST_FAIL_AT_STEP=k`
 raises there; `NEO_TRAIN_TEST_NAN_STEPS=4,5` makes those steps' loss NaN (in any run).
@@ -23,7 +28,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -35,9 +39,14 @@ import torch
 import torch.distributed as dist
 
 from neo_model import GPTNeo, GPTNeoConfig
-from neo_model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, should_save
+from neo_model.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, should_save,
+                                  training_state)
+from neo_model.hf_io import write_pretrained
+from neo_model.parallel import full_tensor, shard
 from tasks.config import TrainConfig
 from tasks.loader import TokenLoader
+from tasks.train_math import (PEAK_FLOPS, batch_shape, lr_at, make_optimizer,  # noqa: F401 (re-exported)
+                              peak_flops, peak_memory_mb, step_loss, total_steps)
 
 PROGRESS = "NEO_PROGRESS "
 METRICS = "NEO_METRICS "
@@ -45,74 +54,7 @@ ERROR = "NEO_ERROR "
 KILL_AT, FAIL_AT, NAN_AT = "NEO_TRAIN_TEST_KILL_AT_STEP", "NEO_TRAIN_TEST_FAIL_AT_STEP", "NEO_TRAIN_TEST_NAN_STEPS"
 RESULT = "train_result.json"
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets), matched against torch.cuda.get_device_name().
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-              "L4": 121e12, "4090": 165e12}
-
-
-# ---------------------------------------------------------------------------- pure pieces
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak (EleutherAI's schedule)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (not biases, LayerNorms); fused kernels on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type == "cuda")
-
-
-def batch_shape(cfg: TrainConfig, seq_len: int, world: int) -> tuple[int, int, int]:
-    """(rows per optimizer step over all ranks, rows per rank, micro-batches per step)."""
-    rows = math.ceil(cfg.batch_tokens / seq_len) if cfg.batch_tokens else cfg.batch_size
-    if rows % world:
-        raise ValueError(f"the batch of {rows} rows does not split over {world} processes")
-    per_rank = rows // world
-    micro = min(cfg.micro_batch_size or per_rank, per_rank)
-    if per_rank % micro:
-        raise ValueError(f"{per_rank} rows per process is not a multiple of micro_batch_size {micro}")
-    return rows, per_rank, per_rank // micro
-
-
-def total_steps(cfg: TrainConfig, rows_per_step: int, seq_len: int) -> int:
-    return math.ceil(cfg.max_tokens / (rows_per_step * seq_len)) if cfg.max_tokens else cfg.max_steps
-
-
-def step_loss(model: Callable, x: torch.Tensor, y: torch.Tensor, z_loss: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, objective): the objective adds z_loss * mean(logsumexp(logits)^2)."""
-    logits, loss = model(x, targets=y)
-    if not z_loss:
-        return loss, loss
-    z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-    return loss, loss + z_loss * z
-
-
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
-    if cfg.peak_flops:
-        return cfg.peak_flops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    return None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+# ---------------------------------------------------------------------------- metrics
 
 
 def system_metrics() -> dict[str, float]:
@@ -166,8 +108,9 @@ def _barrier(world: int) -> None:
 
 
 def validate(model: Callable, loader: TokenLoader, batches: int, device: torch.device, world: int,
-             autocast: Any) -> float:
-    """Mean validation loss over the first `batches` micro-batches of the val order (all ranks)."""
+             autocast: Any, sharded: bool = False) -> float:
+    """Mean validation loss over the first `batches` micro-batches of the val order (all ranks). A
+    sharded model's forward is a collective: a rank left without rows runs one on a dummy row, unscored."""
     loader.load_state_dict({**loader.state_dict(), "epoch": 0, "position": 0})
     was = getattr(model, "training", True)
     model.eval() if hasattr(model, "eval") else None
@@ -176,6 +119,9 @@ def validate(model: Callable, loader: TokenLoader, batches: int, device: torch.d
         for i, (x, y) in enumerate(loader):
             if i >= batches:
                 break
+            if not len(x) and sharded:
+                with autocast:
+                    model(torch.zeros(1, loader.seq_len, dtype=torch.long, device=device))
             if len(x):
                 with autocast:
                     _, loss = model(x.to(device), targets=y.to(device))
@@ -224,18 +170,22 @@ def train_loop(spec: dict[str, Any], emit: Callable[[str], None] = print) -> dic
         net.load_state_dict(src.state_dict())
         del src
     net.to(device)
+    n_params, fpt = net.num_parameters(), net.flops_per_token(seq_len)
+    sharded = world > 1 and cfg.parallel == "fsdp"
+    if sharded:
+        shard(net, world, device, bf16=device.type == "cuda")
     opt = make_optimizer(net, cfg, device)
     step, tokens_seen, skipped, best_val = 0, 0, 0, None
     resumed = ckpt is not None
     if resumed:
-        state = load_checkpoint(ckpt, net, opt)
+        state = load_checkpoint(ckpt, net, opt, rank=rank)
         step, tokens_seen = state["step"], state["tokens_seen"]
         skipped = state.get("skipped_steps", 0)
         loader.load_state_dict(state["loader"])
         say(f"resuming from {ckpt} (step {step}, MLflow run {state['run_id']}, "
             f"saved on {state.get('world_size', 1)} process(es), now {world})")
     model: Any = net
-    if world > 1:
+    if world > 1 and not sharded:
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     fwd = torch.compile(model) if cfg.compile else model
@@ -247,12 +197,11 @@ def train_loop(spec: dict[str, Any], emit: Callable[[str], None] = print) -> dic
                                  rank=rank, world_size=world)
 
     run_id = spec.get("run_id")
-    fpt = net.flops_per_token(seq_len)
     peak = peak_flops(cfg, device)
     kill_at, fail_at = _hook_step(KILL_AT), _hook_step(FAIL_AT)
     nan_steps = {int(s) for s in os.environ.get(NAN_AT, "").split(",") if s.strip()}
-    n_params = net.num_parameters()
-    say(f"training {n_params:,} parameters on {world} x {device.type}: {steps_total} steps of "
+    mode = ("FSDP" if sharded else "DDP") if world > 1 else "single process"
+    say(f"training {n_params:,} parameters on {world} x {device.type} ({mode}): {steps_total} steps of "
         f"{rows_per_step} rows ({tokens_per_step:,} tokens, {accum} micro-batch(es) per process)")
 
     stream = loader.stream()
@@ -273,7 +222,11 @@ def train_loop(spec: dict[str, Any], emit: Callable[[str], None] = print) -> dic
         x_all, y_all = next(stream)
         step_ce = torch.zeros((), device=device)
         for i, (x, y) in enumerate(zip(x_all.split(per_rank // accum), y_all.split(per_rank // accum))):
-            sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else model.no_sync()
+            sync = contextlib.nullcontext()
+            if sharded:
+                net.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
+            elif world > 1 and i < accum - 1:
+                sync = model.no_sync()
             with sync:
                 with autocast:
                     ce, objective = step_loss(fwd, x.to(device, non_blocking=True),
@@ -283,7 +236,7 @@ def train_loop(spec: dict[str, Any], emit: Callable[[str], None] = print) -> dic
                     ce = ce * float("nan")
                 (objective / accum).backward()
             step_ce += ce.detach() / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
         bad = (~torch.isfinite(step_ce) | ~torch.isfinite(grad_norm)).float()
         both = _all_sum(torch.stack([step_ce.float(), bad]), world)
         loss_val, is_bad = float(both[0]) / world, bool(both[1] > 0)  # every rank decides the same
@@ -308,7 +261,7 @@ def train_loop(spec: dict[str, Any], emit: Callable[[str], None] = print) -> dic
 
         val_now = cfg.val_every and (step % cfg.val_every == 0 or step == steps_total)
         if val_now:
-            val_loss = validate(net, val_loader, cfg.val_batches, device, world, autocast)
+            val_loss = validate(net, val_loader, cfg.val_batches, device, world, autocast, sharded)
             best_val = val_loss if best_val is None else min(best_val, val_loss)
         if rank == 0 and (step % cfg.log_every == 0 or step == steps_total):
             now = time.perf_counter()
@@ -331,24 +284,27 @@ def train_loop(spec: dict[str, Any], emit: Callable[[str], None] = print) -> dic
                                        "tokens_per_s": tps, "eta_s": eta, "val_loss": val_loss}))
         # no checkpoint inside a streak of skipped steps: the last good one stays the newest
         if should_save(step, cfg.checkpoint_every, steps_total) and (consecutive == 0 or step == steps_total):
+            weights, optim = training_state(net, opt) if sharded or rank == 0 else ({}, {})
             if rank == 0:
                 state = {"tokens_seen": tokens_seen, "run_id": run_id,
                          "train_fingerprint": spec.get("fingerprint"), "loader": loader.state_dict(),
                          "skipped_steps": skipped, "world_size": world}
                 if val_now:
                     state["val_loss"] = val_loss
-                save_checkpoint(ckpt_root, step, net, opt, state, keep=cfg.keep_last)
+                save_checkpoint(ckpt_root, step, mcfg, weights, optim, state, keep=cfg.keep_last)
+            del weights, optim
             _barrier(world)
             last_good = step
 
     result = {"steps": step, "tokens_seen": tokens_seen, "final_loss": loss_val, "skipped_steps": skipped,
               "num_parameters": n_params, "device": device.type, "world_size": world,
               "val_loss": val_loss, "best_val_loss": best_val, "flops_per_token": fpt}
+    weights = training_state(net, None)[0] if sharded or rank == 0 else {}
     if rank == 0:
         model_dir = out / "model"
         if model_dir.exists():
             shutil.rmtree(model_dir)
-        net.save_pretrained(model_dir)
+        write_pretrained(mcfg, weights, model_dir)
         (out / RESULT).write_text(json.dumps(result, indent=2))
     _barrier(world)
     if world > 1:

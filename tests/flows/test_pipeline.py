@@ -310,38 +310,26 @@ def test_cli_models_promote_rollback_and_export_hf(first_run, tmp_path):
     assert rolling_nll(ours, ids, ours.config.eos_token_id) / len(ids) == pytest.approx(hf_loss, abs=1e-4)
 
 
-def test_mlflow_models_serve_round_trip(first_run):
+def test_mlflow_models_serve_round_trip(first_run, tmp_path):
     """`mlflow models serve -m models:/NAME@champion --env-manager local` answers completions over HTTP."""
     import os
-    import socket
-    import subprocess
     import sys
-    import time
     import urllib.request
 
     import mlflow
 
+    from tasks.procs import free_port, start_process, stop_process, wait_http
+
     name = first_run["cfg"].registry.model_name
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # The scoring server runs `uvicorn` from PATH: the venv's bin directory must be on it.
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(first_run["ws"]),
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "serve.log"
+    proc = start_process([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
+                          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], log, env)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
-                time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/ping", 180, proc, log)
         params = {"max_new_tokens": 6, "temperature": 0.0}
         body = json.dumps({"dataframe_records": [{"prompt": "def "}, {"prompt": "import "}], "params": params})
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
@@ -349,8 +337,7 @@ def test_mlflow_models_serve_round_trip(first_run):
         with urllib.request.urlopen(req, timeout=60) as r:
             served = json.loads(r.read())["predictions"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_process(proc, 30)
     tracking.use_workspace(first_run["ws"])
     local = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict({"prompt": ["def ", "import "]},
                                                                         params=params)

@@ -10,7 +10,7 @@ import pytest
 from planted_corpus import jaccard, planted, write_clean_upstream
 from tasks.clean import iter_parquet_docs
 from tasks.config import DedupConfig
-from tasks.dedup import plan, run_dedup, text_key
+from tasks.dedup import plan, report_lines, run_dedup, text_key
 from tasks.shards import pool_map
 from tasks.stage import MANIFEST, read_manifest, sha256_file
 
@@ -158,3 +158,27 @@ def test_kept_documents_are_unchanged_rows(cleaned, result):
     out = list(iter_parquet_docs(Path(result.path)))
     assert out and all(inputs[d["id"]] == d for d in out)
     assert hashlib.sha256(b"".join(d["id"].encode() for d in out)).hexdigest()
+
+
+def test_global_step_in_many_small_partitions_gives_the_same_output(cleaned, result, tmp_path, monkeypatch):
+    import tasks.dedup as dedup_module
+
+    monkeypatch.setattr(dedup_module, "PARTITION_RECORDS", 64)  # ~130 band partitions, not one
+    small = run_dedup(CFG, cleaned, str(tmp_path))
+    assert small.info["partitions"]["bands"] > 100 and small.info["partitions"]["exact"] > 5
+    assert result.info["partitions"] == {"exact": 1, "bands": 1, "edges": 1}
+    assert _output_hashes(small) == _output_hashes(result)
+    for key in ("candidates", "verified", "clusters", "cluster_sizes", "exact", "near"):
+        assert small.info[key] == result.info[key], key
+    assert not any((tmp_path / "dedup" / "scratch").iterdir())  # spilled partitions removed
+
+
+def test_stage_report_has_rate_kinds_histogram_and_timings(result):
+    lines = report_lines(result)
+    c, info = result.counts, result.info
+    assert lines[0].startswith(f"- duplicate rate: {c['duplicates'] / c['docs_in']:.1%} ")
+    assert f"| removed: exact duplicate | {info['exact']:,} |" in lines
+    assert f"| removed: near duplicate | {info['near']:,} |" in lines and f"| kept | {c['kept']:,} |" in lines
+    assert all(f"| {size} | {n} |" in lines for size, n in info["cluster_sizes"].items())
+    assert {"signatures_s", "decide_s", "write_s", "spill_keys_s", "sort_partitions_s", "verify_s",
+            "clusters_s"} == set(info["timings"])

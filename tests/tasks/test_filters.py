@@ -6,8 +6,8 @@ import pytest
 
 from planted_corpus import base_doc, vocabulary
 from tasks.config import CleanConfig
-from tasks.filters import (REASONS, fixer_config, normalize_whitespace, profile_for, rejection,
-                           repair, same_python_ast)
+from tasks.filters import (LINE_RULES, REASONS, c4_line_filter, clean_document, fixer_config,
+                           normalize_whitespace, profile_for, rejection, repair, same_python_ast)
 
 CFG = CleanConfig(min_chars=20, max_chars=50_000)
 GOOD = ("The quick brown fox jumps over the lazy dog and runs to the river with the others.\n" * 1)
@@ -47,6 +47,8 @@ REASON_SAMPLES = {
                          {"top_ngram_max": {}}),
     "c4_lorem_ipsum": (_prose() + "Lorem ipsum dolor sit amet.\n", "prose"),
     "c4_curly_bracket": (_prose() + "use {braces} here\n", "prose"),
+    # 96 words in one sentence: passes every Gopher rule, fails C4's five sentences
+    "c4_sentences": (_prose().replace(".\n", " ").rstrip() + ".\n", "prose"),
     "code_max_line_length": ("x = '" + "a" * 1200 + "'\n", "code"),
     "code_mean_line_length": ("\n".join(["value = " + "1 + " * 40 + "1"] * 5), "code"),
     "code_alnum_fraction": ("# ----------------------------------------\n" * 5 + "x = {}\n", "code"),
@@ -55,13 +57,41 @@ REASON_SAMPLES = {
 
 
 def test_every_reason_has_a_sample_that_triggers_it():
-    assert set(REASON_SAMPLES) == set(REASONS)
+    # c4_lines_left needs the line rules first: test_document_left_without_lines_gets_its_own_reason
+    assert set(REASON_SAMPLES) | {"c4_lines_left"} == set(REASONS)
     for reason, (text, profile, *rules) in REASON_SAMPLES.items():
         # some rules are checked after others that the same text trips: loosen those
         prose = {"c4_curly_bracket": True, **(rules[0] if rules else {})}
         found = rejection(text, profile, CFG.model_copy(update={"prose": prose}))
         assert found is not None and found[0] == reason, (reason, found)
         assert isinstance(found[1], float)
+
+
+def test_c4_line_rules_remove_lines_and_count_them_per_rule():
+    rules = CFG.prose_rules
+    good = "The river runs past the town and the mill.\n"
+    text = (good + "Please enable JavaScript to view the comments.\n" + "A heading without a full stop\n"
+            + "\n" + "Too short.\n" + good + "\u201cQuoted, as it ends.\u201d\n")
+    out, removed, left = c4_line_filter(text, rules)
+    assert removed == {"c4_noise": 1, "c4_no_terminal_punct": 1, "c4_short_line": 1}
+    assert set(removed) == set(LINE_RULES)
+    assert left == 3 and out == good + "\n" + good + "\u201cQuoted, as it ends.\u201d\n"
+    assert c4_line_filter(good * 2, rules) == (good * 2, dict.fromkeys(LINE_RULES, 0), 2)
+    loose = rules.model_copy(update={"c4_terminal_punct": False, "c4_min_words_per_line": 0})
+    assert c4_line_filter(text, loose)[1] == {"c4_noise": 1, "c4_no_terminal_punct": 0, "c4_short_line": 0}
+
+
+def test_document_left_without_lines_gets_its_own_reason():
+    fixer = fixer_config(CFG)
+    headings = "".join(f"Section {i} of the river and the town\n" for i in range(30))
+    out = clean_document(headings, "corpus:notes.txt", CFG, fixer)
+    assert out.rejection == ("c4_lines_left", 0.0) and out.text == ""
+    assert out.lines_removed["c4_no_terminal_punct"] == 30 and out.profile == "prose"
+    kept = clean_document(_prose(12) + "A heading\n", "corpus:notes.txt", CFG, fixer)
+    assert kept.rejection is None and kept.text == _prose(12)
+    assert kept.lines_removed == {"c4_noise": 0, "c4_no_terminal_punct": 1, "c4_short_line": 0}
+    code = "x = 1\ny = 2  # no full stops in code\n" * 20
+    assert clean_document(code, "corpus:m.py", CFG, fixer).lines_removed == dict.fromkeys(LINE_RULES, 0)
 
 
 def test_good_documents_pass_their_profile():

@@ -53,3 +53,21 @@ def test_one_permutation_hashing_estimates_like_minhash():
             assert (sig[2] == mh.EMPTY).all() and (sig[:2] != mh.EMPTY).all()  # densified
             errors.append(mh.estimated_jaccard(sig[0], sig[1]) - jaccard(x, y))
     assert abs(np.mean(errors)) < 0.04 and max(map(abs, errors)) < 0.16
+
+
+def test_vectorized_word_hashes_split_like_bytes_split(monkeypatch):
+    rng = random.Random(7)
+    alphabet = [b"a", b"b", b"\xc3\xa9", b"\x00", b"\x1c", b"\xa0", b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c"]
+    buf = b"".join(rng.choice(alphabet) for _ in range(20_000))
+    words = buf.split()
+    hashes, starts = mh.word_hashes(buf)
+    assert len(hashes) == len(words) and all(buf[s:s + len(w)] == w for s, w in zip(starts, words))
+    by_word: dict[bytes, set[int]] = {}
+    for w, h in zip(words, hashes.tolist()):
+        by_word.setdefault(w, set()).add(h)
+    assert all(len(v) == 1 for v in by_word.values())  # a word always hashes the same
+    assert len(set().union(*by_word.values())) == len(by_word)  # distinct words, distinct hashes
+    assert np.array_equal(mh.word_hashes(b"x y")[0][1:], mh.word_hashes(b"y")[0])
+    monkeypatch.setattr(mh, "BATCH_BYTES", 50)  # prefix sums over many short runs of words
+    small_runs = mh.word_hashes(buf)
+    assert np.array_equal(small_runs[0], hashes) and np.array_equal(small_runs[1], starts)

@@ -5,11 +5,8 @@ absent, except under CI=true where it must run. Each test creates and drops its 
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 
 import pytest
@@ -17,13 +14,8 @@ from registry_helpers import evaluation, make_tokens, trained
 
 from tasks import registry, tracking
 from tasks.config import RegistryConfig
+from tasks.procs import free_port, start_process, stop_process, wait_http
 from tasks.register import run_register
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _postgres_available() -> bool:
@@ -49,30 +41,19 @@ def mlflow_server(request, tmp_path):
         db_name = f"neo_mlflow_{uuid.uuid4().hex[:8]}"
         _psql(f"CREATE DATABASE {db_name}")
         backend = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-                             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = tmp_path / "server.log"
+    proc = start_process([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                          "--port", str(port), "--workers", "1"], log, env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+        wait_http(f"{url}/health", 180, proc, log)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        stop_process(proc, 30)
         if db_name:
             _psql(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
 

@@ -15,13 +15,7 @@ from tasks.config import ModelConfig, TrainConfig
 from tasks.stage import StageResult
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_mlflow(tmp_path_factory):
-    """One MLflow database for the module: creating a fresh one costs seconds."""
-    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-        yield
+pytestmark = pytest.mark.usefixtures("shared_mlflow")  # tests/tasks/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +179,53 @@ def test_init_from_an_earlier_model_is_recorded_and_used(tokens, tmp_path):
     assert c.get_run(reg.info["run_id"]).data.tags["neo.init_from"] == "models:/neo-init-test@champion"
     with pytest.raises(ValueError, match="init_from"):
         train_mod.run_train(_cfg(init_from=str(tmp_path / "nowhere")), MODEL, tokens, ws, **QUIET)
+
+
+def test_launch_settings_are_not_fingerprinted_and_torchrun_flags(tokens, tmp_path):
+    base = dict(max_steps=8, batch_size=8, seed=11)
+    fp = train_mod.plan(TrainConfig(**base), MODEL, tokens, str(tmp_path))[0]
+    multi = TrainConfig(**base, nproc=4, nnodes=2, rdzv_endpoint="head:29500", parallel="fsdp")
+    assert train_mod.plan(multi, MODEL, tokens, str(tmp_path))[0] == fp
+    assert train_mod.plan(TrainConfig(**{**base, "seed": 12}), MODEL, tokens, str(tmp_path))[0] != fp
+    assert train_mod.torchrun_args(TrainConfig(nproc=2)) == ["--standalone", "--nproc_per_node=2"]
+    assert train_mod.torchrun_args(multi, node_rank=1) == [
+        "--nnodes=2", "--nproc_per_node=4", "--node_rank=1", "--master_addr=head", "--master_port=29500"]
+    with pytest.raises(ValueError, match="rdzv_endpoint"):
+        TrainConfig(nnodes=2)
+    with pytest.raises(ValueError, match="rdzv_endpoint"):
+        TrainConfig(nnodes=2, rdzv_endpoint="head")  # no port
+    with pytest.raises(ValueError, match="parallel"):
+        TrainConfig(parallel="zero3")
+
+
+def test_host_process_count_overrides_nproc_at_launch(monkeypatch):
+    cfg = TrainConfig(max_steps=8, batch_size=8, micro_batch_size=2)
+    monkeypatch.delenv(train_mod.NPROC_ENV, raising=False)
+    assert train_mod.host_settings(cfg).nproc == 1
+    monkeypatch.setenv(train_mod.NPROC_ENV, "4")
+    assert train_mod.host_settings(cfg).nproc == 4
+    assert train_mod.host_settings(cfg).model_dump(exclude={"nproc"}) == cfg.model_dump(exclude={"nproc"})
+    monkeypatch.setenv(train_mod.NPROC_ENV, "3")  # 8 is not a multiple of 2 * 3
+    with pytest.raises(ValueError, match="NEO_TRAIN_NPROC='3'.*micro_batch_size"):
+        train_mod.host_settings(cfg)
+    monkeypatch.setenv(train_mod.NPROC_ENV, "all")
+    with pytest.raises(ValueError, match="not a whole number"):
+        train_mod.host_settings(cfg)
+
+
+def test_checkpoint_weights_load_from_sharded_files(tmp_path):
+    """1.3B and 2.7B weights exceed the 5 GB shard limit: a checkpoint then holds HF shards + index."""
+    from neo_model import GPTNeo, GPTNeoConfig
+    from neo_model.checkpoint import load_weights
+
+    cfg = GPTNeoConfig.from_preset("debug", vocab_size=300, max_position_embeddings=64)
+    torch.manual_seed(0)
+    saved = GPTNeo(cfg)
+    saved.save_pretrained(tmp_path, max_shard_size=100_000)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    torch.manual_seed(1)
+    loaded = GPTNeo(cfg)
+    load_weights(tmp_path, loaded)
+    want = saved.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())

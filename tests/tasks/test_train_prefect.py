@@ -6,6 +6,7 @@ from registry_helpers import word_tokens
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
@@ -38,6 +39,7 @@ def test_retry_resumes_from_checkpoint_and_logs_reach_prefect(tokens, tmp_path, 
         state = one_training(return_state=True)
         result = state.result()
         flow_run_id = state.state_details.flow_run_id
+        APILogWorker.drain_all(timeout=60)  # logs reach the API in batches: send the last ones first
         with get_client(sync_client=True) as client:
             logs = [log.message for log in client.read_logs(
                 log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
