@@ -32,7 +32,7 @@ from neo_model import GPTNeo, GPTNeoConfig  # noqa: E402
 from tasks.config import EvalTaskConfig  # noqa: E402
 from tasks.evals.perplexity import run_perplexity  # noqa: E402
 from tasks.export import write_tokenizer_files  # noqa: E402
-from tasks.tokenize import train_tokenizer  # noqa: E402
+from tasks.bpe import train_tokenizer  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "corpora" / "wikitext2-valid.txt"
 

@@ -37,7 +37,8 @@ import torch  # noqa: E402
 from tasks.config import TokenizerConfig  # noqa: E402
 from tasks.loader import TokenLoader  # noqa: E402
 from tasks.stage import StageResult  # noqa: E402
-from tasks.tokenize import READ_BATCH_ROWS, load_tokenizer, run_tokenize, train_tokenizer  # noqa: E402
+from tasks.bpe import load_tokenizer, train_tokenizer  # noqa: E402
+from tasks.tokenize import READ_BATCH_ROWS, run_tokenize  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "corpora"
 

@@ -61,6 +61,14 @@ def _hold_while_file_exists() -> None:
             time.sleep(0.2)
 
 
+def _stage(stage_task, *args) -> StageResult:
+    """Run a stage task; a result served from Prefect's cache (state `Cached`) says `reused`, as a
+    result rebuilt from a complete stage directory does (a cached result is the stored first one)."""
+    state = stage_task(*args, return_state=True)
+    result = state.result()  # raises the task's error when it failed
+    return result.model_copy(update={"reused": True}) if state.name == "Cached" else result
+
+
 @flow(name="neo_pipeline", flow_run_name=_run_name, log_prints=True)
 def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | None = None,
                  train_deployment: str | None = None) -> PipelineSummary | StageResult:
@@ -74,10 +82,10 @@ def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | Non
     _hold_while_file_exists()
     shared = workspace or str(default_workspace())
     ws = storage.attach(shared)  # a URL workspace: a local working copy, mirrored (tasks/storage.py)
-    raw = download(config.corpus, ws)
-    cleaned = clean(config.clean, raw, ws)
-    deduped = dedup(config.dedup, cleaned, ws)
-    tokens = tokenize(config.tokenizer, deduped, ws)
+    raw = _stage(download, config.corpus, ws)
+    cleaned = _stage(clean, config.clean, raw, ws)
+    deduped = _stage(dedup, config.dedup, cleaned, ws)
+    tokens = _stage(tokenize, config.tokenizer, deduped, ws)
     if train_deployment:
         from prefect.deployments import run_deployment
 
@@ -88,10 +96,10 @@ def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | Non
             raise RuntimeError(f"deployment {train_deployment} ended {run.state and run.state.name}: "
                                f"flow run {run.id}")
         return run.state.result()
-    trained = train(config.train, config.model, tokens, ws)
-    evaluated = evaluate(config.eval, trained, tokens, ws)
-    registered = register(config.registry, evaluated, [raw, cleaned, deduped, tokens, trained],
-                          redacted_params(config), ws)
+    trained = _stage(train, config.train, config.model, tokens, ws)
+    evaluated = _stage(evaluate, config.eval, trained, tokens, ws)
+    registered = _stage(register, config.registry, evaluated, [raw, cleaned, deduped, tokens, trained],
+                        redacted_params(config), ws)
     m = evaluated.info["metrics"]
     stages = {r.stage: r for r in (raw, cleaned, deduped, tokens, trained, evaluated, registered)}
     return PipelineSummary(workspace=shared, model_name=registered.info["model_name"],

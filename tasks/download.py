@@ -1,241 +1,45 @@
-"""Download: take the corpus sources into raw `shard-NNNNN.jsonl.zst` shards of documents.
+"""Download stage: take the corpus sources into raw `shard-NNNNN.jsonl.zst` shards of documents.
 
-Sources are local directories (walked recursively), files, globs, `python-stdlib` (the standard
-library .py sources of the running interpreter), or remote `https://`, `s3://` and `hf://` URLs, which
-`tasks.fetch` brings into `<workspace>/download-cache/` first, verified against the sha256 and size the
-source list gives, in parallel, resumable, and reused by any later run. Formats: text files (one
-document each, or split by a separator), .jsonl, .jsonl.zst, .json.gz and .parquet, read streaming.
-Anything unreadable (malformed JSON, a record without a string text field, invalid UTF-8, an empty
-document, a truncated or corrupt compressed stream) goes to `quarantine.jsonl` with file, line and
-reason, and is counted per reason; the stage fails only when the bad fraction exceeds the limit.
+`tasks.sources` lists the files the `sources` entries stand for; remote ones are brought by
+`tasks.fetch` into `<workspace>/download-cache/` first, verified against the sha256 and size the
+source list gives, in parallel, resumable, and reused by any later run. `tasks.readers` reads each
+file once, in order; this module writes the documents into zstd shards, the unreadable records into
+`quarantine.jsonl` with file, line and reason (counted per reason), and the manifest. The stage fails
+only when the bad fraction exceeds the limit. The Prefect task at the bottom adds logging, progress
+artifacts and retries.
 """
 from __future__ import annotations
 
-import glob
-import gzip
 import hashlib
-import io
 import json
-import os
-import sysconfig
 import threading
 import time
-import tokenize
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import zstandard
 from prefect import get_run_logger
 
-from tasks.config import CorpusConfig, SourceSpec
-from tasks.fetch import (Fetched, PermanentTransferError, Remote, RetryPolicy, cache_relpath, fetch,
-                         redact_text, redact_url, safe_join)
+from tasks.config import CorpusConfig
+from tasks.fetch import Fetched, PermanentTransferError, Remote, RetryPolicy, fetch, redact_text, redact_url
 from tasks.prefect_stage import report, stage_task
+from tasks.readers import REASONS, read_records
+from tasks.sources import SourceFile, list_sources, remote_access
 from tasks.stage import (StageResult, atomic_path, check_accounting, code_version, file_entry,
                          fingerprint, prepare_dir, read_manifest, result_from_manifest, sha256_file,
                          stage_dir, write_manifest)
 
 STAGE = "download"
 VERSION = 2
-
-STDLIB = "python-stdlib"
-REMOTE_PREFIXES = ("http://", "https://", "s3://", "hf://")
-CACHE_DIR = "download-cache"
-"""Under the workspace, outside any stage directory: a rebuilt stage never re-downloads."""
-TEXT_SUFFIXES = frozenset({".txt", ".py", ".pyi", ".md", ".rst", ".c", ".h", ".cpp", ".hpp", ".js",
-                           ".ts", ".java", ".go", ".rs", ".sh", ".toml", ".cfg", ".ini", ".yaml",
-                           ".yml", ".html", ".css", ".tex"})
-SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-"""Never walked: third-party packages are not the standard library, and bytecode is not text."""
 ZSTD_LEVEL = 3
-READ_CHUNK = 1 << 20
-ZSTD_READ_CHUNK = 1 << 17
-"""Compressed bytes fed to zstd at a time: small, since one chunk of a highly compressible file can
-expand a thousandfold."""
-PARQUET_BATCH = 256
 QUARANTINE = "quarantine.jsonl"
 INFO_KEYS = ("capped", "shards", "source_bytes", "quarantine_reasons")
-REASONS = ("malformed_json", "not_object", "no_text_field", "invalid_utf8", "empty", "unencodable",
-           "truncated_stream", "corrupt_stream")
 
 
 class BadInputError(ValueError):
     """Too large a share of the records was quarantined: the source is probably not what it claims."""
-
-
-# ---------------------------------------------------------------------------- listing sources
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    label: str
-    """The `sources` entry this file came from (document ids start with it; never has credentials)."""
-    path: Path
-    """Where the bytes are read from (for a remote file: its place in the download cache)."""
-    rel: str
-    """Path relative to the source's root, POSIX style."""
-    size: int
-    mtime_ns: int
-    url: str | None = None
-    """The remote object (credentials stripped; see `auth`), None for a local file."""
-    spec: SourceSpec = field(default_factory=lambda: SourceSpec(url="-"))
-    sha256: str | None = None
-    """Expected sha256 (from the source list)."""
-    expected_size: int | None = None
-    """Expected size: from the source list, or from the store's listing for s3/hf objects."""
-
-    @property
-    def kind(self) -> str:
-        fmt = self.spec.format
-        if fmt != "auto":
-            return "text" if fmt == "txt" else fmt
-        return file_kind(self.rel.rsplit("/", 1)[-1]) or "text"
-
-    @property
-    def doc_id(self) -> str:
-        return f"{self.label}:{self.rel}"
-
-    def listing(self) -> str:
-        if self.url is not None:
-            return f"{redact_url(self.url)}|{self.size}|{self.sha256 or ''}"
-        return f"{self.path}|{self.size}|{self.mtime_ns}"
-
-
-def file_kind(name: str) -> str | None:
-    """`jsonl`, `jsonl.zst`, `json.gz`, `parquet`, `text`, or None for files the stage does not read."""
-    name = name.lower()
-    if name.endswith(".jsonl.zst"):
-        return "jsonl.zst"
-    if name.endswith(".jsonl"):
-        return "jsonl"
-    if name.endswith((".json.gz", ".jsonl.gz")):
-        return "json.gz"
-    if name.endswith(".parquet"):
-        return "parquet"
-    return "text" if Path(name).suffix in TEXT_SUFFIXES else None
-
-
-def _spec(source: str | SourceSpec) -> SourceSpec:
-    return source if isinstance(source, SourceSpec) else SourceSpec(url=source)
-
-
-def _source_file(path: Path, label: str, root: Path, spec: SourceSpec) -> SourceFile:
-    st = path.stat()
-    rel = Path(os.path.relpath(path, root)).as_posix()
-    return SourceFile(label, Path(os.path.abspath(path)), rel, st.st_size, st.st_mtime_ns, spec=spec,
-                      sha256=spec.sha256)
-
-
-def _walk(root: Path, label: str, spec: SourceSpec, suffixes: frozenset[str] | None = None,
-          base: Path | None = None) -> Iterator[SourceFile]:
-    """Readable files under `root`, named relative to `base` (default: `root`)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        # Pruned in place so os.walk never descends into site-packages (huge) or hidden dirs.
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")]
-        for name in filenames:
-            if name.startswith(".") or file_kind(name) is None:
-                continue
-            if suffixes is not None and Path(name).suffix not in suffixes:
-                continue
-            yield _source_file(Path(dirpath) / name, label, base or root, spec)
-
-
-def _glob_root(pattern: str) -> Path:
-    """The directory part of a glob before its first wildcard: matches are named relative to it."""
-    parts = Path(pattern).parts
-    fixed = parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]
-    return Path(*fixed) if fixed else Path(".")
-
-
-def _remote_files(spec: SourceSpec, cache: Path, remote: Remote) -> list[SourceFile]:
-    url, label = spec.url, redact_url(spec.url)
-    if url.startswith(("http://", "https://")):
-        objects = [(url, spec.size or 0)]
-    else:
-        objects = remote.list(url)
-    single = len(objects) == 1 and objects[0][0].rstrip("/") == url.rstrip("/")
-    root = url if single else url.split("*", 1)[0].rsplit("/", 1)[0] if "*" in url else url
-    files = []
-    for obj, size in objects:
-        rel = obj.rsplit("/", 1)[-1] if single else obj[len(root):].strip("/") or obj.rsplit("/", 1)[-1]
-        path = safe_join(cache, cache_relpath(obj))
-        expected = spec.size if single and spec.size is not None else (size if size else None)
-        if url.startswith(("http://", "https://")):
-            expected = spec.size
-        files.append(SourceFile(label, path, "/".join(cache_relpath("x://h/" + rel).parts[2:]),
-                                expected or 0, 0, url=obj, spec=spec,
-                                sha256=spec.sha256 if single else None, expected_size=expected))
-    return files
-
-
-def expand_source(source: str | SourceSpec, cache: Path | None = None,
-                  remote: Remote | None = None) -> list[SourceFile]:
-    """The files one `sources` entry stands for, sorted by relative path."""
-    spec = _spec(source)
-    text = spec.url
-    if text.startswith(REMOTE_PREFIXES):
-        files = _remote_files(spec, Path(cache or CACHE_DIR), remote or Remote())
-    elif text == STDLIB:
-        root = Path(sysconfig.get_paths()["stdlib"])
-        files = list(_walk(root, STDLIB, spec, frozenset({".py"})))
-    elif glob.has_magic(text):
-        pattern = os.path.expanduser(text)
-        root, files = _glob_root(pattern), []
-        for match in glob.glob(pattern, recursive=True):
-            p = Path(match)
-            if p.is_dir():
-                files += _walk(p, text, spec, base=root)
-            elif p.is_file() and (file_kind(p.name) or spec.format != "auto") \
-                    and not p.name.startswith("."):
-                files.append(_source_file(p, text, root, spec))
-    else:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            files = list(_walk(path, text, spec))
-        elif path.is_file():
-            if file_kind(path.name) is None and spec.format == "auto":
-                raise ValueError(f"corpus source {text!r}: unsupported file type; expected .jsonl, "
-                                 f".jsonl.zst, .json.gz, .parquet or one of {sorted(TEXT_SUFFIXES)}")
-            files = [_source_file(path, text, path.parent, spec)]
-        else:
-            raise FileNotFoundError(f"corpus source {text!r} does not exist")
-    if not files:
-        raise FileNotFoundError(f"corpus source {redact_url(text)!r} matched no readable files "
-                                "(.jsonl, .jsonl.zst, .json.gz, .parquet or text files)")
-    return sorted({(f.url or f.path): f for f in files}.values(), key=lambda f: f.rel)
-
-
-def remote_access(cfg: CorpusConfig) -> Remote:
-    secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
-    return Remote(s3_endpoint=cfg.s3_endpoint, s3_key=secret(cfg.s3_access_key),
-                  s3_secret=secret(cfg.s3_secret_key), hf_token=secret(cfg.hf_token))
-
-
-def list_sources(cfg: CorpusConfig, workspace: str | Path | None = None,
-                 remote: Remote | None = None) -> tuple[list[SourceFile], bool]:
-    """The files to take, in order, and whether `max_bytes` left some out (whole files only:
-    files are taken until their total reaches the cap; a remote file of unknown size counts 0)."""
-    cache = Path(workspace or ".") / CACHE_DIR
-    remote = remote or remote_access(cfg)
-    taken: list[SourceFile] = []
-    seen: set[Any] = set()
-    total, capped = 0, False
-    for source in cfg.sources:
-        for f in expand_source(source, cache, remote):  # every source expanded: a missing one fails
-            key = f.url or f.path
-            if key in seen:
-                continue
-            if cfg.max_bytes is not None and total >= cfg.max_bytes:
-                capped = True
-                break
-            seen.add(key)
-            taken.append(f)
-            total += f.size
-    return taken, capped
 
 
 def _listing(files: list[SourceFile]) -> list[str]:
@@ -254,210 +58,6 @@ def public_config(cfg: CorpusConfig) -> dict[str, Any]:
     data["sources"] = [redact_url(s) if isinstance(s, str) else {**s, "url": redact_url(s["url"])}
                        for s in data["sources"]]
     return data
-
-
-# ---------------------------------------------------------------------------- reading sources
-
-
-class BrokenStream(Exception):
-    """A compressed stream that ends early or cannot be decoded (message starts with its reason)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def zst_lines(path: Path, hasher: Any = None) -> Iterator[bytes]:
-    """Lines of a zstd file (several frames allowed), streaming. Raises BrokenStream on a corrupt
-    or truncated stream, after the complete lines before the damage; `hasher` sees every file byte."""
-    dctx = zstandard.ZstdDecompressor()
-    with open(path, "rb") as fh:
-        dobj, pending, tail = dctx.decompressobj(), False, b""
-        try:
-            while chunk := fh.read(ZSTD_READ_CHUNK):
-                if hasher is not None:
-                    hasher.update(chunk)
-                while chunk:
-                    pending = True
-                    out = tail + dobj.decompress(chunk)
-                    chunk = b""
-                    if dobj.eof:  # end of one frame; the rest of the chunk starts the next
-                        chunk, dobj, pending = dobj.unused_data, dctx.decompressobj(), False
-                    *lines, tail = out.split(b"\n")
-                    for line in lines:
-                        yield line + b"\n"
-        except zstandard.ZstdError as exc:
-            _drain(fh, hasher)
-            raise BrokenStream("corrupt_stream", f"corrupt zstd stream ({exc})") from None
-        if pending:
-            raise BrokenStream("truncated_stream", "truncated zstd stream (file ends inside a frame)")
-    if tail:
-        yield tail
-
-
-def gz_lines(path: Path, hasher: Any = None) -> Iterator[bytes]:
-    """Lines of a gzip file, streaming; BrokenStream on a corrupt or truncated stream."""
-    with open(path, "rb") as raw:
-        source = _Hashing(raw, hasher) if hasher is not None else raw
-        try:
-            with gzip.GzipFile(fileobj=source, mode="rb") as gz:
-                yield from gz
-        except EOFError:
-            raise BrokenStream("truncated_stream", "truncated gzip stream (file ends inside a "
-                                                   "member)") from None
-        except (gzip.BadGzipFile, zlib.error) as exc:
-            _drain(raw, hasher)
-            raise BrokenStream("corrupt_stream", f"corrupt gzip stream ({exc})") from None
-
-
-class _Hashing(io.RawIOBase):
-    """A read-only file that shows every byte read to a hasher."""
-
-    def __init__(self, fh: Any, hasher: Any):
-        self.fh, self.hasher = fh, hasher
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        n = self.fh.readinto(buf)
-        self.hasher.update(memoryview(buf)[:n])
-        return n
-
-
-def _drain(fh: Any, hasher: Any) -> None:
-    while hasher is not None and (chunk := fh.read(READ_CHUNK)):
-        hasher.update(chunk)
-
-
-def _file_lines(path: Path, hasher: Any) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        for line in fh:
-            hasher.update(line)
-            yield line
-
-
-def _decode_text(f: SourceFile, data: bytes) -> str:
-    encoding = "utf-8"
-    if f.rel.endswith(".py"):  # PEP 263: a Python file may declare its own encoding
-        try:
-            encoding = tokenize.detect_encoding(io.BytesIO(data).readline)[0]
-        except SyntaxError:  # a bad or unknown declaration: judge the bytes as UTF-8
-            pass
-    return data.decode(encoding)
-
-
-Bad = tuple[str, str]
-"""(reason code, message) of a quarantined record."""
-Record = tuple["int | None", "dict[str, Any] | Bad"]
-"""(line number, document) or (line number, why it was quarantined)."""
-
-
-def _text_doc(f: SourceFile, data: bytes, doc_id: str, start_line: int) -> Record:
-    try:
-        text = _decode_text(f, data)
-    except UnicodeDecodeError as exc:
-        line = start_line + data.count(b"\n", 0, exc.start)
-        return line, ("invalid_utf8", f"invalid {exc.encoding} at byte {exc.start}")
-    if not text.strip():
-        return start_line, ("empty", "empty document")
-    return start_line, {"id": doc_id, "text": text, "source": f.label, "meta": {}}
-
-
-def _text_records(f: SourceFile, hasher: Any) -> Iterator[Record]:
-    sep = f.spec.separator
-    if not sep:  # one document per file (a text file is one document: read whole)
-        data = f.path.read_bytes()
-        hasher.update(data)
-        line, doc = _text_doc(f, data, f.doc_id, 1)
-        yield (None if isinstance(doc, dict) or doc[0] == "empty" else line), doc
-        return
-    # Split streaming: one document per separator, numbered from 1, located by its first line.
-    token, buf, line, index = sep.encode("utf-8"), b"", 1, 0
-    with open(f.path, "rb") as fh:
-        while chunk := fh.read(READ_CHUNK):
-            hasher.update(chunk)
-            *pieces, buf = (buf + chunk).split(token)
-            for piece in pieces:
-                index += 1
-                yield _text_doc(f, piece, f"{f.doc_id}:{index}", line)
-                line += piece.count(b"\n") + token.count(b"\n")
-    if buf.strip() or index == 0:  # what follows the last separator (a trailing newline is not a doc)
-        yield _text_doc(f, buf, f"{f.doc_id}:{index + 1}", line)
-
-
-def _make_doc(f: SourceFile, obj: Any, lineno: int, text_field: str) -> dict[str, Any] | Bad:
-    if not isinstance(obj, dict):
-        return "not_object", f"not a JSON object ({type(obj).__name__})"
-    spec = f.spec
-    field_name = spec.text_field or text_field
-    text = obj.get(field_name)
-    if not isinstance(text, str):
-        return "no_text_field", f"no string field {field_name!r}"
-    if not text.strip():
-        return "empty", "empty document"
-    doc_id = obj.get(spec.id_field) if spec.id_field else None
-    if spec.meta_fields is not None:
-        meta = {k: obj[k] for k in spec.meta_fields if k in obj}
-    else:
-        meta = {k: v for k, v in obj.items() if k not in (field_name, spec.id_field)}
-        if isinstance(meta.get("meta"), dict):  # Pile: {"text", "meta": {...}} keeps meta as is
-            meta = {**meta.pop("meta"), **meta}
-    doc_id = f"{f.doc_id}:{lineno}" if doc_id is None else str(doc_id)
-    return {"id": doc_id, "text": text, "source": f.label, "meta": meta}
-
-
-def _jsonl_records(f: SourceFile, lines: Iterator[bytes], text_field: str) -> Iterator[Record]:
-    lineno = 0
-    try:
-        for lineno, raw in enumerate(lines, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield lineno, ("invalid_utf8", f"invalid utf-8 at byte {exc.start} of the line")
-                continue
-            except json.JSONDecodeError as exc:
-                yield lineno, ("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})")
-                continue
-            yield lineno, _make_doc(f, obj, lineno, text_field)
-    except BrokenStream as exc:
-        yield lineno + 1, (exc.reason, f"{exc}; lines from {lineno + 1} on are lost")
-
-
-def _parquet_records(f: SourceFile, text_field: str) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
-    row = 0
-    try:
-        with pq.ParquetFile(f.path) as pf:
-            for batch in pf.iter_batches(batch_size=PARQUET_BATCH):
-                for obj in batch.to_pylist():
-                    row += 1
-                    yield row, _make_doc(f, obj, row, text_field)
-    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-        yield row + 1, ("corrupt_stream", f"unreadable parquet ({exc}); rows from {row + 1} on are lost")
-
-
-def read_records(f: SourceFile, text_field: str, hasher: Any) -> Iterator[Record]:
-    """Every document and every quarantined record of one source file, in file order."""
-    kind = f.kind
-    if kind == "text":
-        return _text_records(f, hasher)
-    if kind == "parquet":
-        hasher.update(b"")  # hashed separately (pyarrow reads by offset): see run_download
-        return _parquet_records(f, text_field)
-    if kind == "json.gz":
-        return _jsonl_records(f, gz_lines(f.path, hasher), text_field)
-    lines = zst_lines(f.path, hasher) if kind == "jsonl.zst" else _file_lines(f.path, hasher)
-    return _jsonl_records(f, lines, text_field)
-
-
-def read_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """The documents of one raw shard, streaming (used by the clean stage)."""
-    for line in zst_lines(Path(path)):
-        yield json.loads(line)
 
 
 # ---------------------------------------------------------------------------- writing shards

@@ -17,13 +17,14 @@ import torch
 
 from neo_model import GPTNeo
 from tasks import tracking
+from tasks.bpe import load_tokenizer
 from tasks.config import EvalConfig
 from tasks.evals import run_task
 from tasks.evals.contamination import contaminated_fraction, example_texts, training_index
 from tasks.stage import (StageResult, code_version, file_entry, fingerprint, prepare_dir,
                          read_manifest, result_from_manifest, sha256_file, stage_dir, write_json_atomic,
                          write_manifest)
-from tasks.tokenize import load_tokenizer, read_rows
+from tasks.token_rows import read_rows
 
 STAGE = "evaluate"
 VERSION = 1

@@ -21,7 +21,7 @@ class GPTNeoGenerator(mlflow.pyfunc.PythonModel):
         model_dir = Path(context.artifacts["model"])
         self.model = GPTNeo.from_pretrained(model_dir).eval()
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.tokenizer.encode_special_tokens = True  # prompt text is text, as in tasks.tokenize
+        self.tokenizer.encode_special_tokens = True  # prompt text is text, as in tasks.bpe.load_tokenizer
         import inspect
 
         self._supports_top_p = "top_p" in inspect.signature(self.model.generate).parameters

@@ -24,11 +24,12 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 from mlflow.exceptions import MlflowException
 
 from tasks import registry, tracking
+from tasks.bpe import load_tokenizer
 from tasks.config import RegistryConfig
 from tasks.evals.scoring import rolling_nll
 from tasks.stage import (StageResult, code_version, file_entry, fingerprint, prepare_dir, read_manifest,
                          result_from_manifest, stable_hash, stage_dir, write_json_atomic, write_manifest)
-from tasks.tokenize import load_tokenizer, read_rows
+from tasks.token_rows import read_rows
 
 STAGE = "register"
 VERSION = 2

@@ -2,7 +2,7 @@
 
 The training loader (`tasks.loader`), evaluation and registration read token rows through here, so a
 training subprocess starts without importing Prefect (seconds per start). `tasks.tokenize` writes the
-rows and re-exports these functions; the on-disk layout is described there.
+rows; the directory layout is described there and the row format in `tasks.packing`.
 """
 from __future__ import annotations
 

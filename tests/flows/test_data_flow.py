@@ -7,7 +7,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from planted_corpus import planted  # noqa: E402
+from planted_corpus import planted, write_text_files  # noqa: E402
 
 from flows.data import run_data  # noqa: E402
 from tasks.config import PipelineConfig  # noqa: E402
@@ -16,11 +16,8 @@ from tasks.stage import read_manifest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data-corpus")
     docs, truth = planted(seed=11, distinct=60, near=20, exact=5, words=(120, 200))
-    for d in docs:
-        (root / f"{d['id']}.txt").write_text(d["text"])
-    return root, truth
+    return write_text_files(docs, tmp_path_factory.mktemp("data-corpus")), truth
 
 
 def _config(root: Path) -> PipelineConfig:

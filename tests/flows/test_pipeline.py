@@ -177,6 +177,8 @@ def test_unchanged_rerun_is_served_from_cache(first_run, corpus):
     summary, flow_run_id = _run(first_run["cfg"], ws)
     states, _ = _stage_names(flow_run_id)
     assert states == {n: "Cached" for n in STAGES}
+    assert {n: r.reused for n, r in summary.stages.items()} == {n: True for n in STAGES}
+    assert not any(r.reused for r in first_run["summary"].stages.values())
     assert {n: (Path(r.path) / "manifest.json").stat().st_mtime_ns for n, r in summary.stages.items()} == mtimes
     assert summary.version == "1"
     c = tracking.client(ws)
@@ -297,7 +299,7 @@ def test_cli_models_promote_rollback_and_export_hf(first_run, tmp_path):
     hf = transformers.GPTNeoForCausalLM.from_pretrained(dest, attn_implementation="eager").eval()
     hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(dest)
     ours = GPTNeo.from_pretrained(dest)
-    from tasks.tokenize import load_tokenizer
+    from tasks.bpe import load_tokenizer
 
     text = "def alpha_beta_0(alpha, beta=None):\n    return [alpha, beta]\n"
     ids = load_tokenizer(first_run["summary"].stages["tokenize"].path).encode(text).ids

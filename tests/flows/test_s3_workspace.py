@@ -17,7 +17,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from planted_corpus import planted  # noqa: E402
+from planted_corpus import planted, write_text_files  # noqa: E402
 
 from flows.data import run_data  # noqa: E402
 from flows.train import tokens_result  # noqa: E402
@@ -60,10 +60,8 @@ def s3():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s3-corpus")
     docs, _ = planted(seed=5, distinct=40, near=10, exact=4, words=(120, 200))
-    for d in docs:
-        (root / f"{d['id']}.txt").write_text(d["text"])
+    root = write_text_files(docs, tmp_path_factory.mktemp("s3-corpus"))
     return load_config("debug", [f"corpus.sources=['{root}']", "corpus.max_bytes=null",
                                  "corpus.shard_bytes=20000", "clean.workers=1", "dedup.workers=1"])
 

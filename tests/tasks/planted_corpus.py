@@ -114,3 +114,11 @@ def write_raw_upstream(docs: list[dict], root: Path, per_shard: int) -> StageRes
     write_manifest(directory, stage="download", fp=fp, code="test", config={}, inputs=[],
                    counts=counts, files=entries, started=time.time())
     return StageResult(stage="download", fingerprint=fp, path=str(directory), counts=counts)
+
+
+def write_text_files(docs: list[dict], root: Path) -> Path:
+    """One `<id>.txt` per document under `root`: a local corpus directory for `corpus.sources`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for d in docs:
+        (root / f"{d['id']}.txt").write_text(d["text"])
+    return root

@@ -8,7 +8,9 @@ import pytest
 import zstandard
 
 from tasks.config import CorpusConfig
-from tasks.download import list_sources, plan, read_shard, run_download
+from tasks.download import plan, run_download
+from tasks.readers import read_shard
+from tasks.sources import list_sources
 from tasks.stage import MANIFEST, read_manifest, sha256_file
 
 LINES = [
@@ -209,8 +211,9 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from fake_origin import Origin  # noqa: E402
 from tasks.config import SourceSpec  # noqa: E402
-from tasks.download import CACHE_DIR, BadInputError  # noqa: E402
+from tasks.download import BadInputError  # noqa: E402
 from tasks.fetch import KILL_HOOK, ChecksumError, PermanentTransferError  # noqa: E402
+from tasks.sources import CACHE_DIR  # noqa: E402
 
 FAST = {"retry_backoff_s": 0.001, "timeout_s": 10, "max_bytes": None}
 

@@ -13,7 +13,7 @@ from tasks.evals.choice import examples
 from tasks.evals.cloze import split_last_word
 from tasks.evals.contamination import contaminated_fraction, training_index
 from tasks.evals.scoring import continuation_loglik, rolling_nll
-from tasks.tokenize import train_tokenizer
+from tasks.bpe import train_tokenizer
 
 TEXT = ("The cat sat on the mat. The dog ran to the park and back again. "
         "A bird sang in the tall green tree while the sun rose over the hills. ") * 4

@@ -12,7 +12,8 @@ from tasks.config import TokenizerConfig
 from tasks.loader import (TokenLoader, steps_for_tokens, steps_per_epoch, tokens_for_steps,
                           tokens_per_step, training_steps)
 from tasks.stage import StageResult
-from tasks.tokenize import read_rows, run_tokenize
+from tasks.token_rows import read_rows
+from tasks.tokenize import run_tokenize
 
 SEQ = 8
 

@@ -14,9 +14,10 @@ import pytest
 
 from tasks.config import TokenizerConfig
 from tasks.stage import MANIFEST, StageResult
-from tasks.tokenize import (EOS, INDEX_DIR, _binary_column, _rows_from_binary, is_val, load_tokenizer,
-                            pack_rows, plan, read_rows, rows_of_documents, run_tokenize, split_parts,
-                            token_byte_lengths, token_dtype, train_tokenizer)
+from tasks.bpe import EOS, load_tokenizer, token_byte_lengths, token_dtype, train_tokenizer
+from tasks.packing import _binary_column, is_val, pack_rows
+from tasks.token_rows import INDEX_DIR, _rows_from_binary, read_rows, rows_of_documents, split_parts
+from tasks.tokenize import plan, run_tokenize
 
 SPECIAL = [
     "def add(a, b):\n\treturn a + b\n\n\nclass Foo:\n\tpass\n",
