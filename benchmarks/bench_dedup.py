@@ -12,6 +12,7 @@
     python benchmarks/bench_dedup.py            # full run (minutes)
     python benchmarks/bench_dedup.py --smoke    # seconds, tiny sizes
     python benchmarks/bench_dedup.py --profile  # where the whole dedup stage spends its time
+    python benchmarks/bench_dedup.py --near-only  # only part 1 (the datasketch comparison)
     python benchmarks/bench_dedup.py --global-step 1000000   # peak RSS of the global step alone
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from planted_corpus import planted, write_clean_upstream  # noqa: E402
 from tasks.config import CleanConfig, CorpusConfig, DedupConfig  # noqa: E402
-from tasks.minhash import band_keys, oph_signatures, shingle_hashes_batch  # noqa: E402
+from tasks.minhash import band_keys, document_hashes, oph_flat  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "corpora"
 
@@ -119,7 +120,8 @@ def near_dup_comparison(size: int, tmp: Path, rounds: int = 1) -> dict:
         sig_dir.mkdir()
 
         def core() -> None:
-            sig = oph_signatures(shingle_hashes_batch([d["text"] for d in docs], 5), 112, 1)
+            hashed = document_hashes([d["text"] for d in docs], 5, exact=False)
+            sig = oph_flat(hashed.shingles, hashed.offsets, 112, 1)
             np.save(sig_dir / "signatures.npy", sig)
             np.save(sig_dir / "bands.npy", band_keys(sig, 14, 8))
             np.save(sig_dir / "near.npy", np.ones(len(docs), dtype=bool))
@@ -252,6 +254,7 @@ def main() -> int:
                     help="only: peak RSS of the global dedup step over this many synthetic documents")
     ap.add_argument("--decide", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help="only: cProfile of the whole dedup stage")
+    ap.add_argument("--near-only", action="store_true", help="only: the near-dup comparison (part 1)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-dedup-") as tmp_name:
         tmp = Path(tmp_name)
@@ -271,6 +274,9 @@ def main() -> int:
         print(f"loadavg: {Path('/proc/loadavg').read_text().strip()}  cpus: {os.cpu_count()}")
         near = near_dup_comparison(120 if args.smoke else 4000, tmp, rounds=1 if args.smoke else 5)
         print("near-dup vs datasketch:", json.dumps(near, indent=1))
+        if args.near_only:
+            print(f"loadavg at the end: {Path('/proc/loadavg').read_text().strip()}")
+            return 0
         for n in (20_000,) if args.smoke else (1_000_000, 3_000_000):
             print("global dedup step, fresh process:", json.dumps(global_step_rss(tmp / f"sig-{n}", n)))
         if args.smoke:  # in this process: a fresh one per size (for RSS) costs seconds of imports

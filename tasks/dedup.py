@@ -12,8 +12,11 @@ per band). Pairs are spilled again by their later document, and each such range 
 verified (every candidate's Jaccard estimate is checked against `threshold`, `verify`) and decided
 on its own. Only the duplicates themselves (a few words each) are held for the clusters, the
 connected components of the accepted pairs. A larger corpus means more partition files, not more
-memory (benchmarks/RESULTS.md). (3) Per shard: the shard minus its duplicates, and a ledger
-`duplicates/duplicates-NNNNN.parquet` (id, source, duplicate_of, cluster, kind, similarity).
+memory (benchmarks/RESULTS.md). The partitions live in `<workspace>/dedup/scratch/dedup-*`, locked
+by their run and removed when it ends; one that a killed run left is removed by the next run, and a
+concurrent run's (its lock held) never is (`tasks.shards.scratch_dir`). (3) Per shard: the shard
+minus its duplicates, and a ledger `duplicates/duplicates-NNNNN.parquet` (id, source,
+duplicate_of, cluster, kind, similarity).
 
 Which copy stays: documents are ordered by (shard, row) of the upstream listing, and a document is
 a duplicate iff it is equal or similar to an earlier one. The rule depends only on earlier
@@ -23,7 +26,6 @@ document; `cluster` is the earliest document of the connected component.
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from tasks.clean import (Mapper, finished, link, stage_plan, unit_mapper, unit_o
 from tasks.config import DedupConfig
 from tasks.minhash import estimated_jaccard, exact_key, fmix64
 from tasks.prefect_stage import report, stage_task
-from tasks.shards import signature_shard, write_dedup_shard
+from tasks.shards import scratch_dir, signature_shard, write_dedup_shard
 from tasks.stage import (StageResult, check_accounting, code_version, file_entry, prepare_dir,
                          result_from_manifest, stable_hash, write_manifest)
 
@@ -71,9 +73,10 @@ def plan(cfg: DedupConfig, upstream: StageResult, workspace: str) -> tuple[str, 
     return _plan(cfg, upstream, workspace)[:2]
 
 
-def signature_jobs(cfg: DedupConfig, upstream: StageResult, workspace: str) -> list[tuple]:
+def signature_jobs(cfg: DedupConfig, upstream: StageResult, workspace: str,
+                   code: str | None = None) -> list[tuple]:
     """One `signature_shard` job per clean shard, addressed by that shard's sha256."""
-    code = code_version(__name__, VERSION)
+    code = code or code_version(__name__, VERSION)
     return [(cfg, path, out) for path, out in
             unit_outputs(cfg, upstream, code, "docs-", Path(workspace) / STAGE / "signatures")]
 
@@ -200,11 +203,10 @@ def decide(cfg: DedupConfig, sig_dirs: list[Path], sizes: list[int],
            scratch: Path | None = None) -> dict[str, Any]:
     """Which documents are duplicates of which, from the per-shard signature files, in memory
     bounded by `PARTITION_RECORDS` (plus a few words per duplicate): keys are spilled to hash
-    partitions under `scratch` (a temporary directory) and each partition is sorted on its own."""
-    if scratch is not None:
-        scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dedup-", dir=scratch) as tmp:
-        return _decide(cfg, sig_dirs, sizes, Path(tmp))
+    partitions in a scratch directory under `scratch` (`scratch_dir`) and each partition is sorted
+    on its own."""
+    with scratch_dir(scratch, STAGE) as tmp:
+        return _decide(cfg, sig_dirs, sizes, tmp)
 
 
 def _decide(cfg: DedupConfig, sig_dirs: list[Path], sizes: list[int], tmp: Path) -> dict[str, Any]:
@@ -281,9 +283,10 @@ def _decide(cfg: DedupConfig, sig_dirs: list[Path], sizes: list[int], tmp: Path)
             **stats}
 
 
-def write_jobs(upstream_docs: list[tuple[str, str]], workspace: str, d: dict[str, Any]) -> list[tuple]:
+def write_jobs(upstream_docs: list[tuple[str, str]], workspace: str, d: dict[str, Any],
+               code: str | None = None) -> list[tuple]:
     """One `write_dedup_shard` job per clean shard, addressed by its input and its decisions."""
-    code = code_version(__name__, VERSION)
+    code = code or code_version(__name__, VERSION)
     offsets, dups = d["offsets"], d["dups"]
     referenced = np.unique(np.concatenate([dups["g"], dups["kept_of"], dups["label"]]))
     ids: dict[int, str] = {}
@@ -292,10 +295,9 @@ def write_jobs(upstream_docs: list[tuple[str, str]], workspace: str, d: dict[str
         lo, hi = offsets[s], offsets[s + 1]
         want = referenced[(referenced >= lo) & (referenced < hi)]
         if len(want):
-            table = pq.read_table(path, columns=["id", "source"])
-            col_id, col_src = table.column("id"), table.column("source")
-            for g in want.tolist():
-                ids[g], sources[g] = col_id[g - lo].as_py(), col_src[g - lo].as_py()
+            table = pq.read_table(path, columns=["id", "source"], use_threads=False).take(want - lo)
+            ids.update(zip(want.tolist(), table.column("id").to_pylist()))
+            sources.update(zip(want.tolist(), table.column("source").to_pylist()))
     bounds = np.searchsorted(dups["g"], offsets)
     jobs = []
     for s, (path, sha) in enumerate(upstream_docs):
@@ -315,29 +317,31 @@ def run_dedup(cfg: DedupConfig, upstream: StageResult, workspace: str,
               mapper: Mapper | None = None) -> StageResult:
     """Keep the earliest of every group of equal or similar documents; ledger the others."""
     started = t0 = time.time()
-    if (done := finished(_plan(cfg, upstream, workspace)[1], INFO_KEYS)) is not None:
+    planned = _plan(cfg, upstream, workspace)  # hashes the code's sources: once per run
+    if (done := finished(planned[1], INFO_KEYS)) is not None:
         return done
     mapper = unit_mapper(mapper, cfg.workers)
-    sig_jobs = signature_jobs(cfg, upstream, workspace)
+    sig_jobs = signature_jobs(cfg, upstream, workspace, planned[2])
     sig_summaries = mapper(signature_shard, sig_jobs)
     t1 = time.time()
     decisions = decide(cfg, [Path(j[2]) for j in sig_jobs], [s["rows"] for s in sig_summaries],
                        scratch=Path(workspace) / STAGE / "scratch")
     t2 = time.time()
     docs = [(str(path), sha) for path, sha in upstream_entries(upstream, "docs-")]
-    jobs = write_jobs(docs, workspace, decisions)
+    jobs = write_jobs(docs, workspace, decisions, planned[2])
     summaries = mapper(write_dedup_shard, jobs)
     t3 = time.time()
     return assemble(cfg, upstream, workspace, jobs, sig_summaries, summaries, decisions, started,
                     {"signatures_s": round(t1 - t0, 3), "decide_s": round(t2 - t1, 3),
-                     "write_s": round(t3 - t2, 3)})
+                     "write_s": round(t3 - t2, 3)}, planned)
 
 
 def assemble(cfg: DedupConfig, upstream: StageResult, workspace: str, jobs: list[tuple],
              sig_summaries: list[dict], summaries: list[dict], decisions: dict[str, Any],
-             started: float, timings: dict[str, float]) -> StageResult:
+             started: float, timings: dict[str, float],
+             planned: tuple[str, Path, str] | None = None) -> StageResult:
     """Link unit outputs into the stage directory, check the accounting, write the manifest."""
-    fp, directory, code = _plan(cfg, upstream, workspace)
+    fp, directory, code = planned or _plan(cfg, upstream, workspace)
     if (done := finished(directory, INFO_KEYS)) is not None:
         return done
     prepare_dir(directory)

@@ -4,16 +4,20 @@ Each unit reads one input shard and writes one directory of outputs under a name
 input shard's content hash, config and code version, so a grown corpus only runs units for shards
 it has not seen. Files are written under temporary names and renamed; `shard.json` is written last
 and records the file sizes: a unit directory without it, or with a file of another size, is a
-partial run and is redone, never trusted. Nothing here imports Prefect (spawned workers start fast).
+partial run and is redone, never trusted. Scratch directories of a stage's global step are locked
+by their run and removed by the next run when a killed one left them (`scratch_dir`). Nothing here
+imports Prefect (spawned workers start fast).
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import multiprocessing
 import os
 import shutil
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,8 +30,7 @@ import zstandard
 
 from tasks.config import CleanConfig, DedupConfig
 from tasks.filters import LINE_RULES, clean_document, fixer_config
-from tasks.minhash import (band_keys, exact_key, hash_params, oph_signatures, shingle_hashes_batch,
-                           signatures)
+from tasks.minhash import band_keys, document_hashes, hash_params, oph_flat, signatures
 from tasks.stage import atomic_path, write_json_atomic
 
 DOC_COLUMNS = ("id", "text", "source")
@@ -42,6 +45,9 @@ FLUSH_CHARS = 32_000_000
 """A Parquet row group is written when either bound is reached: bounded memory for any corpus."""
 READ_BATCH_ROWS = 256
 DONE = "shard.json"
+SCRATCH_LOCK = ".lock"
+"""In a scratch directory: flocked by its run while it lives (`remove_stale_scratch`)."""
+IMPORTED = time.time()
 
 
 # ---------------------------------------------------------------------------- Parquet helpers
@@ -155,6 +161,73 @@ def _npy(directory: Path, name: str, array: np.ndarray) -> None:
             np.save(f, array)
 
 
+# ---------------------------------------------------------------------------- scratch directories
+
+
+def _process_started() -> float:
+    """When this process started (Linux /proc), else when this module was imported."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK") - 1.0  # btime is whole seconds: err early
+    except (OSError, ValueError, IndexError, StopIteration):
+        return IMPORTED
+
+
+def remove_stale_scratch(parent: Path, prefix: str) -> list[str]:
+    """Remove the `<prefix>-*` scratch directories under `parent` that killed runs left, and return
+    their names. A run holds an exclusive flock on its directory's `SCRATCH_LOCK` for as long as
+    it lives, and the kernel releases it when the process dies, however it dies: a directory whose
+    lock can be taken is stale, one whose lock is held belongs to a concurrent run and stays. A
+    directory without a lock file (left by older code, or by a run killed between creating the
+    directory and its lock) goes only if nothing in it changed since this process started."""
+    removed, started = [], _process_started()
+    for directory in sorted(parent.glob(f"{prefix}-*")):
+        try:
+            fd = os.open(directory / SCRATCH_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                changed = max(p.stat().st_mtime for p in [directory, *directory.iterdir()])
+                if changed < started:
+                    shutil.rmtree(directory, ignore_errors=True)
+                    removed.append(directory.name)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live run
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory.name)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: Path | None, prefix: str) -> Iterator[Path]:
+    """A new scratch directory, removed on exit. Under a stage's `parent`, stale ones are removed
+    first (`remove_stale_scratch`) and the new one is locked while in use; without a `parent`, a
+    plain temporary directory."""
+    if parent is None:
+        with tempfile.TemporaryDirectory(prefix=f"{prefix}-") as tmp:
+            yield Path(tmp)
+        return
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=parent))
+    try:
+        with open(tmp / SCRATCH_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------- clean unit
 
 
@@ -213,21 +286,18 @@ def signature_shard(cfg: DedupConfig, docs: str, out: str) -> dict:
         return {**done, "reused": True}
     started = time.time()
     _start(directory)
-    texts = pq.read_table(docs, columns=["text"]).column("text").to_pylist()
-    exact = np.frombuffer(b"".join(exact_key(t, cfg.normalize_whitespace, cfg.lowercase)
-                                   for t in texts), dtype=np.uint64).reshape(len(texts), 2)
-    num_perm = cfg.bands * cfg.rows
-    if cfg.near:
-        shingles = shingle_hashes_batch(texts, cfg.ngram)
-        if cfg.method == "oph":
-            sig = oph_signatures(shingles, num_perm, cfg.seed)
-        else:
-            sig = signatures(shingles, *hash_params(num_perm, cfg.seed))
-        near = np.array([len(s) > 0 for s in shingles], dtype=bool)
-    else:
-        sig = np.zeros((len(texts), num_perm), dtype=np.uint32)
-        near = np.zeros(len(texts), dtype=bool)
+    texts = pq.read_table(docs, columns=["text"], use_threads=False).column("text").to_pylist()
+    hashed = document_hashes(texts, cfg.ngram, cfg.near, cfg.normalize_whitespace, cfg.lowercase)
     del texts
+    exact, num_perm = hashed.exact, cfg.bands * cfg.rows
+    if not cfg.near:
+        sig = np.zeros((len(exact), num_perm), dtype=np.uint32)
+    elif cfg.method == "oph":
+        sig = oph_flat(hashed.shingles, hashed.offsets, num_perm, cfg.seed)
+    else:
+        shingles = np.split(hashed.shingles, hashed.offsets[1:-1])
+        sig = signatures(shingles, *hash_params(num_perm, cfg.seed))
+    near = np.diff(hashed.offsets) > 0
     _npy(directory, "exact.npy", exact)
     _npy(directory, "signatures.npy", sig)
     _npy(directory, "bands.npy", band_keys(sig, cfg.bands, cfg.rows))
@@ -247,7 +317,7 @@ def write_dedup_shard(docs: str, out: str, duplicate_rows: list[int], ledger: li
     _start(directory)
     source = pq.ParquetFile(docs)
     if duplicate_rows or source.schema_arrow.names != list(DOC_COLUMNS):
-        table = source.read()
+        table = source.read(use_threads=False)  # the shards themselves run in parallel
         keep = np.ones(table.num_rows, dtype=bool)
         keep[duplicate_rows] = False
         with atomic_path(directory / "docs.parquet") as tmp:

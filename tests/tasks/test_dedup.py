@@ -1,7 +1,11 @@
 """Dedup stage: exact and near duplicates on a planted corpus, stable kept copy, ledger, resume."""
 import hashlib
+import os
 import random
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -182,3 +186,40 @@ def test_stage_report_has_rate_kinds_histogram_and_timings(result):
     assert all(f"| {size} | {n} |" in lines for size, n in info["cluster_sizes"].items())
     assert {"signatures_s", "decide_s", "write_s", "spill_keys_s", "sort_partitions_s", "verify_s",
             "clusters_s"} == set(info["timings"])
+
+
+HOLD_SCRATCH = """
+import sys, time
+from pathlib import Path
+from tasks.shards import scratch_dir
+with scratch_dir(Path(sys.argv[1]), "dedup") as tmp:  # what decide() does around the global step
+    (tmp / "band-00000.bin").write_bytes(b"spilled")
+    print(tmp, flush=True)
+    time.sleep(300)
+"""
+
+
+def test_killed_runs_scratch_is_removed_by_the_next_run_and_a_live_runs_is_kept(cleaned, tmp_path):
+    ws = tmp_path / "ws"
+    scratch = ws / "dedup" / "scratch"
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-c", HOLD_SCRATCH, str(scratch)], stdout=subprocess.PIPE,
+                             text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        held = Path(child.stdout.readline().strip())  # a concurrent run, inside its global step
+        assert held.parent == scratch and (held / "band-00000.bin").is_file()
+        legacy = scratch / "dedup-legacy"  # no lock file, untouched for an hour: left by older code
+        legacy.mkdir()
+        (legacy / "band-00000.bin").write_bytes(b"x")
+        for p in (legacy / "band-00000.bin", legacy):
+            os.utime(p, (time.time() - 3600, time.time() - 3600))
+        recent = scratch / "dedup-recent"  # no lock file, but written since this process started
+        recent.mkdir()
+        run_dedup(CFG, cleaned, str(ws))
+        assert sorted(p.name for p in scratch.iterdir()) == sorted([held.name, "dedup-recent"])
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    assert held.is_dir()  # SIGKILL: the scratch directory stays behind, its lock released
+    run_dedup(DedupConfig(workers=1, verify=False), cleaned, str(ws))  # the next run's global step
+    assert [p.name for p in scratch.iterdir()] == ["dedup-recent"]

@@ -71,3 +71,43 @@ def test_vectorized_word_hashes_split_like_bytes_split(monkeypatch):
     monkeypatch.setattr(mh, "BATCH_BYTES", 50)  # prefix sums over many short runs of words
     small_runs = mh.word_hashes(buf)
     assert np.array_equal(small_runs[0], hashes) and np.array_equal(small_runs[1], starts)
+
+
+def test_batch_exact_keys_equal_exact_key_text_by_text(monkeypatch):
+    rng = random.Random(9)
+    pieces = ["a", "B", "\u00e9", "\u03a9", "\u212a", "\u0130", " ", "  ", "\t", "\r\n", "\x1c", "\x1f", "\u00a0",
+              "\u2003", "\u3000", "\x85", "\x00", "Long" * 12]
+    mixed = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 80))) for _ in range(300)]
+    # ASCII without \x1c-\x1f: exact keys reuse the word runs found for the shingles
+    ascii_only = [t.encode("ascii", "ignore").decode().replace("\x1c", "").replace("\x1f", "") for t in mixed]
+    edge = ["", "   ", "one", "two  spaces\tand tabs\n", "\x1cseparated\x1dwords"]
+    for texts in (mixed + edge, ascii_only, ascii_only + mixed + edge):
+        for normalize_whitespace in (True, False):
+            for lowercase in (True, False):
+                want = [mh.exact_key(t, normalize_whitespace, lowercase) for t in texts]
+                for near in (True, False):
+                    got = mh.document_hashes(texts, 5, near, normalize_whitespace, lowercase).exact
+                    assert [row.tobytes() for row in got] == want
+        monkeypatch.setattr(mh, "BATCH_BYTES", 64)  # many small batches: the same keys
+        assert [row.tobytes() for row in mh.document_hashes(texts, 5).exact] == [
+            mh.exact_key(t, True, False) for t in texts]
+        monkeypatch.undo()
+    # every character str.split() splits on beyond ASCII is one of the byte sequences looked for
+    assert all(not chr(c).isspace() for c in range(0x10000, 0x110000))
+
+
+def test_batch_shingles_follow_bytes_split_of_the_lowercased_text():
+    rng = random.Random(11)
+    vocab = vocabulary(rng) + ["\u00c9cole", "STRASSE", "x" * 70, "y" * 200, "\u212aelvin"]  # 200: xxh3
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 40))) for _ in range(200)]
+    d = mh.document_hashes(texts, 5)
+    assert np.diff(d.offsets).tolist() == [max(len(t.lower().encode().split()) - 4, 0) for t in texts]
+    per_text = mh.shingle_hashes_batch(texts, 5)
+    assert all(np.array_equal(d.shingles[d.offsets[i]:d.offsets[i + 1]], s) for i, s in enumerate(per_text))
+    seen: dict[bytes, int] = {}  # the same 5 words, the same hash, in any text; others differ
+    for t, hashes in zip(texts, per_text):
+        w = t.lower().encode().split()
+        for j, h in enumerate(hashes.tolist()):
+            assert seen.setdefault(b" ".join(w[j:j + 5]), h) == h
+    assert len(set(seen.values())) == len(seen)
+    assert np.array_equal(mh.oph_flat(d.shingles, d.offsets, 112, 1), mh.oph_signatures(per_text, 112, 1))
