@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import json
 import multiprocessing
 import os
@@ -26,11 +25,11 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zstandard
 
 from tasks.config import CleanConfig, DedupConfig
 from tasks.filters import LINE_RULES, clean_document, fixer_config
 from tasks.minhash import band_keys, document_hashes, hash_params, oph_flat, signatures
+from tasks.readers import read_shard
 from tasks.stage import atomic_path, write_json_atomic
 
 DOC_COLUMNS = ("id", "text", "source")
@@ -231,13 +230,6 @@ def scratch_dir(parent: Path | None, prefix: str) -> Iterator[Path]:
 # ---------------------------------------------------------------------------- clean unit
 
 
-def read_raw_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """Documents of one raw `shard-*.jsonl.zst` written by the download stage, streaming."""
-    with open(path, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as reader:
-        for line in io.TextIOWrapper(reader, encoding="utf-8", newline="\n"):
-            yield json.loads(line)
-
-
 def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) -> dict:
     """Repair, normalize and filter one raw shard into `docs.parquet` + `rejected.parquet`."""
     directory = Path(out)
@@ -253,7 +245,7 @@ def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) 
     cleaning = 0.0  # seconds in repair, normalization, line rules and filters; the rest is I/O
     with ParquetSink(directory / "docs.parquet", DOC_SCHEMA) as docs, \
             ParquetSink(directory / "rejected.parquet", REJECT_SCHEMA) as rejected:
-        for doc in read_raw_shard(Path(shard)):
+        for doc in read_shard(Path(shard)):  # a truncated shard raises BrokenStream
             counts["docs_in"] += 1
             t = time.perf_counter()
             out = clean_document(doc["text"], doc["id"], cfg, fixer)
