@@ -131,15 +131,20 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # killpg(…, 0) also succeeds on zombies: look for a live member.
+    return bool(group_members(pgid))  # killpg(…, 0) also succeeds on zombies: look for a live member
+
+
+def group_members(pgid: int) -> set[int]:
+    """Pids of the live (not zombie) processes in process group `pgid`, from /proc."""
+    members = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
+            members.add(int(stat.parent.name))
+    return members
 
 
 def stop_process(proc: subprocess.Popen | int, timeout: float = 15) -> bool:

@@ -20,3 +20,21 @@ os.environ.update({
 })
 for _var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
     os.environ.pop(_var, None)
+
+
+import pytest  # noqa: E402 - after the environment above
+
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
+"""The PostgreSQL the machines provide (trust auth); tests create and drop their own databases on it."""
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """`PG_SERVER` when it answers; otherwise skip with the reason, or fail under CI=true."""
+    from flows.stack import postgres_reachable
+
+    if not postgres_reachable(f"{PG_SERVER}/postgres"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL at 127.0.0.1:5432 (user postgres) is required under CI=true")
+        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432 (user postgres)")
+    return PG_SERVER

@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows import notify
-from flows.stack import database_urls, drop_databases, ensure_databases, postgres_reachable
+from flows.stack import database_urls, drop_databases, ensure_databases
 from tasks.config import load_config
 from tasks.procs import free_port, log_tail, start_process, stop_process, wait_http
 
@@ -32,19 +32,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-PG = "postgres@127.0.0.1:5432"
 DATA_STAGES, TRAIN_STAGES = ["download", "clean", "dedup", "tokenize"], ["train", "evaluate", "register"]
 RUN_TIMEOUT_S = 600
-
-
-# ---------------------------------------------------------------------------- PostgreSQL
-
-
-def _require_postgres() -> None:
-    if not postgres_reachable(f"postgresql://{PG}/postgres"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL at 127.0.0.1:5432 (user postgres) is required under CI=true")
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432 (user postgres): integration stack skipped")
 
 
 # ---------------------------------------------------------------------------- webhook receiver
@@ -87,11 +76,10 @@ def _finish(proc, log: Path, timeout: float = 300) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    _require_postgres()
+def stack(tmp_path_factory, postgres_server):
     tmp = tmp_path_factory.mktemp("stack")
     # Two fresh databases, neo_it_<hex>_prefect and neo_it_<hex>_mlflow, with the drivers `neo stack` uses.
-    prefect_db, mlflow_db, _ = database_urls(tmp, f"postgresql://{PG}/neo_it_{uuid.uuid4().hex[:8]}")
+    prefect_db, mlflow_db, _ = database_urls(tmp, f"{postgres_server}/neo_it_{uuid.uuid4().hex[:8]}")
     procs: list = []
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), type("H", (_Receiver,), {"received": []}))
     threading.Thread(target=receiver.serve_forever, daemon=True).start()

@@ -8,7 +8,6 @@ MLflow keeps an S3 workspace's artifacts in the bucket (MLFLOW_S3_ENDPOINT_URL).
 """
 import hashlib
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from flows.data import run_data  # noqa: E402
 from flows.train import tokens_result  # noqa: E402
 from tasks import storage, tracking  # noqa: E402
 from tasks.config import load_config  # noqa: E402
+from tasks.procs import free_port  # noqa: E402
 from tasks.stage import MANIFEST, read_manifest  # noqa: E402
 
 BUCKET = "neo-ws"
@@ -38,9 +38,7 @@ def s3():
     moto_server = pytest.importorskip("moto.server", reason="moto[server] (test extra) not installed")
     import s3fs
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

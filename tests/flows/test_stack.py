@@ -6,7 +6,6 @@ own databases through `neo stack up` and drops them afterwards.
 """
 import contextlib
 import json
-import os
 import sys
 import urllib.request
 import uuid
@@ -16,10 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.stack import database_urls, drop_databases, load_state, postgres_reachable
-from tasks.procs import free_port, is_alive, start_process, stop_process, wait_http
+from flows.stack import database_urls, drop_databases, load_state
+from tasks.procs import free_port, group_members, is_alive, start_process, stop_process, wait_http
 
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 runner = CliRunner()
 
 
@@ -40,18 +38,6 @@ def _post(url: str, body: dict) -> list | dict:
         return json.loads(r.read())
 
 
-def _group_members(pgid: int) -> set[int]:
-    members = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.add(int(stat.parent.name))
-    return members
-
-
 def _rows(db_url: str | None, ws: Path, which: str, sql: str) -> list[tuple]:
     """Rows of `sql` in the stack's Prefect or MLflow database (SQLite file or PostgreSQL)."""
     if db_url is None:
@@ -70,11 +56,7 @@ def db_url(request):
     if request.param == "sqlite":
         yield None
         return
-    if not postgres_reachable(f"{PG_SERVER}/postgres"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL at 127.0.0.1:5432 is required under CI=true")
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
-    url = f"{PG_SERVER}/neo_stack_{uuid.uuid4().hex[:8]}"
+    url = f"{request.getfixturevalue('postgres_server')}/neo_stack_{uuid.uuid4().hex[:8]}"
     yield url
     prefect_db, mlflow_db, _ = database_urls(Path("/unused"), url)
     drop_databases(prefect_db, mlflow_db)
@@ -95,7 +77,7 @@ def test_stack_up_status_idempotent_down(tmp_path, db_url):
         assert f"Prefect UI : http://127.0.0.1:{pport}" in r.output
         pids = {k: v["pid"] for k, v in load_state(ws)["services"].items()}
         assert set(pids) == {"prefect", "mlflow", "worker"} and all(map(is_alive, pids.values()))
-        members = {p for pid in pids.values() for p in _group_members(pid)}
+        members = {p for pid in pids.values() for p in group_members(pid)}
         assert len(members) >= 3
 
         st = _neo("stack", "status", "-w", ws)
@@ -130,7 +112,7 @@ def test_stack_up_status_idempotent_down(tmp_path, db_url):
             assert new["worker"] != pids["worker"] and {**new, "worker": 0} == {**pids, "worker": 0}
             assert f"Prefect UI : http://127.0.0.1:{pport}" in third.output
             pids = new
-            members = {p for pid in pids.values() for p in _group_members(pid)}
+            members = {p for pid in pids.values() for p in group_members(pid)}
         logs = sorted(p.name for p in (ws / "stack" / "logs").iterdir())
         assert logs == ["mlflow-server.log", "prefect-server.log", "worker-cpu.log"]
     finally:
@@ -199,7 +181,7 @@ def test_process_helpers_stop_the_whole_group_and_report_early_exits(tmp_path):
     proc = start_process(["bash", "-c", f"sleep 300 & exec {sys.executable} -m http.server --bind 127.0.0.1 "
                                         f"--directory {tmp_path} {port}"], log)
     assert b"server.log" in wait_http(f"http://127.0.0.1:{port}/", 60, proc, log)
-    group = _group_members(proc.pid)
+    group = group_members(proc.pid)
     assert len(group) == 2
     assert stop_process(proc.pid, 10) is True
     assert not any(map(is_alive, group))

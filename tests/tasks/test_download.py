@@ -11,6 +11,7 @@ from tasks.config import CorpusConfig
 from tasks.download import plan, run_download
 from tasks.readers import read_shard
 from tasks.sources import list_sources
+from tasks.procs import free_port
 from tasks.stage import MANIFEST, read_manifest, sha256_file
 
 LINES = [
@@ -358,21 +359,13 @@ def test_rerun_after_kill_fetches_nothing_completed(origin, tmp_path):
     assert sum(origin.gets[n] for n in names[2:]) <= 4 and origin.gets[names[3]] == 1
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_s3_sources_through_moto_server(tmp_path, monkeypatch):
     moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed")
     boto3 = pytest.importorskip("boto3")
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

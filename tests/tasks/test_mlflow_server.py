@@ -4,43 +4,28 @@ The PostgreSQL case needs the server at 127.0.0.1:5432 (trust auth); it is skipp
 absent, except under CI=true where it must run. Each test creates and drops its own database.
 """
 import os
-import shutil
-import subprocess
 import sys
 import uuid
 
 import pytest
 from registry_helpers import evaluation, make_tokens, trained
 
+from flows.stack import drop_databases, ensure_databases
 from tasks import registry, tracking
 from tasks.config import RegistryConfig
 from tasks.procs import free_port, start_process, stop_process, wait_http
 from tasks.register import run_register
 
 
-def _postgres_available() -> bool:
-    return shutil.which("psql") is not None and subprocess.run(
-        ["pg_isready", "-h", "127.0.0.1", "-p", "5432"], capture_output=True).returncode == 0
-
-
-def _psql(sql: str) -> None:
-    subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1",
-                    "-c", sql], check=True, capture_output=True)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def mlflow_server(request, tmp_path):
-    db_name = None
+    db_url = None
     if request.param == "sqlite":
         backend = f"sqlite:///{tmp_path / 'server.db'}"
     else:
-        if not _postgres_available():
-            if os.environ.get("CI") == "true":
-                pytest.fail("PostgreSQL at 127.0.0.1:5432 is required under CI=true")
-            pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
-        db_name = f"neo_mlflow_{uuid.uuid4().hex[:8]}"
-        _psql(f"CREATE DATABASE {db_name}")
-        backend = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
+        db_url = f"{request.getfixturevalue('postgres_server')}/neo_mlflow_{uuid.uuid4().hex[:8]}"
+        ensure_databases(db_url)
+        backend = db_url
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -54,8 +39,8 @@ def mlflow_server(request, tmp_path):
         yield url
     finally:
         stop_process(proc, 30)
-        if db_name:
-            _psql(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+        if db_url:
+            drop_databases(db_url)
 
 
 def test_train_register_and_gate_against_server(mlflow_server, tmp_path, monkeypatch):

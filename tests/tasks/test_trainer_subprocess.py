@@ -3,7 +3,6 @@
 load in one process, resume on another number of processes and under the other parallel mode."""
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import tasks.train as train_mod
 from neo_model import GPTNeo
 from tasks import tracking, trainer
 from tasks.config import ModelConfig, TrainConfig
+from tasks.procs import free_port
 from tasks.stage import StageResult
 
 pytestmark = pytest.mark.usefixtures("shared_mlflow")
@@ -180,18 +180,12 @@ def test_fsdp_equals_ddp_and_its_checkpoint_loads_in_one_process(tokens, ref, dd
     _assert_close_tensors(load_file(f"{res.info['model_dir']}/model.safetensors"), ref["weights"], **tol)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_nodes_resume_a_ddp_checkpoint_under_fsdp(tokens, ref, ddp_run, tmp_path):
     """Two torchrun agents on this host as nodes 0 and 1 (one process each, rendezvous at node 0's
     train.rdzv_endpoint): the task launches node 0, the test starts node 1 with the flags the task
     documents for it. They resume the DDP run's step-4 checkpoint under FSDP2 (rank 0 reads it and
     broadcasts the shards) and train on to the reference's steps 5-6 and final weights."""
-    cfg = _cfg(nnodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", parallel="fsdp")
+    cfg = _cfg(nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", parallel="fsdp")
     ws = str(tmp_path / "nodes")
     fp, out = train_mod.plan(cfg, MODEL, tokens, ws)
     assert fp == ref["result"].fingerprint  # nnodes, rdzv_endpoint, parallel: launch settings
