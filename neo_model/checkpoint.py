@@ -94,7 +94,7 @@ def best_checkpoint(root: Path) -> Path | None:
     """The complete checkpoint with the lowest validation loss (None when none recorded one)."""
     scored = []
     for path in list_checkpoints(root):
-        v = json.loads((path / STATE).read_text()).get("val_loss")
+        v = read_state(path).get("val_loss")
         if v is not None and v == v:
             scored.append((float(v), path))
     return min(scored)[1] if scored else None
@@ -141,7 +141,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     from .parallel import is_sharded, scatter_full_state
 
     path = Path(path)
-    state = json.loads((path / STATE).read_text())
+    state = read_state(path)
     if is_sharded(model):
         weights, optim = {}, {}  # rank 0 reads and broadcasts; every rank takes part
         if rank == 0:

@@ -20,10 +20,9 @@ from typing import Any, Callable, Iterator, Sequence
 from prefect import get_run_logger
 
 from tasks.config import CleanConfig
-from tasks.filters import LINE_RULES, fixer_config, reasons_for, repair  # noqa: F401  (re-exported)
+from tasks.filters import LINE_RULES, reasons_for
 from tasks.prefect_stage import report, stage_task
-from tasks.shards import (DOC_COLUMNS, DOC_SCHEMA, REJECT_SCHEMA, ParquetSink,  # noqa: F401
-                          clean_shard, iter_parquet_rows, link, pool_map)
+from tasks.shards import DOC_COLUMNS, clean_shard, iter_parquet_rows, link, pool_map
 from tasks.stage import (StageResult, check_accounting, code_version, file_entry, fingerprint,
                          prepare_dir, read_manifest, result_from_manifest, stable_hash, stage_dir,
                          write_manifest)
@@ -53,11 +52,6 @@ def upstream_entries(upstream: StageResult, prefix: str) -> list[tuple[Path, str
                            f"fingerprinted {upstream.fingerprint}; rerun the {upstream.stage} stage")
     return sorted((directory / f["path"], f["sha256"]) for f in manifest["files"]
                   if f["path"].startswith(prefix))
-
-
-def upstream_files(upstream: StageResult, prefix: str) -> list[Path]:
-    """Files of a complete upstream stage whose manifest path starts with `prefix`, in order."""
-    return [path for path, _ in upstream_entries(upstream, prefix)]
 
 
 def config_key(cfg: Any) -> dict:

@@ -34,12 +34,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from prefect import get_run_logger
 
-from tasks.clean import (Mapper, finished, link, stage_plan, unit_mapper, unit_outputs,
-                         upstream_entries)
+from tasks.clean import Mapper, finished, stage_plan, unit_mapper, unit_outputs, upstream_entries
 from tasks.config import DedupConfig
 from tasks.minhash import estimated_jaccard, exact_key, fmix64
 from tasks.prefect_stage import report, stage_task
-from tasks.shards import scratch_dir, signature_shard, write_dedup_shard
+from tasks.shards import link, scratch_dir, signature_shard, write_dedup_shard
 from tasks.stage import (StageResult, check_accounting, code_version, file_entry, prepare_dir,
                          result_from_manifest, stable_hash, write_manifest)
 

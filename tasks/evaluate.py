@@ -7,7 +7,6 @@ smoothed) is scored on exactly the same targets: a trained model must beat it.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path

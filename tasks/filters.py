@@ -23,6 +23,7 @@ import numpy as np
 from ftfy.badness import is_bad
 
 from tasks.config import CleanConfig, CodeFilters, ProseFilters
+from tasks.minhash import ngram_keys
 
 Rejection = tuple[str, float]
 
@@ -50,7 +51,6 @@ _TRAILING_WS = re.compile(r"[ \t]+$", re.M)
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")
 """A whitespace-separated word holding at least one letter."""
-_NGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s|$)")
 """End of a sentence: terminal marks, optional closing quotes or brackets, then whitespace or the end
 (an approximation of the NLTK sentence splitter C4 used; `e.g.` mid-line counts as an end)."""
@@ -176,21 +176,11 @@ def _dup_fractions(parts: list[str]) -> tuple[float, float]:
     return dup / max(len(parts), 1), dup_chars / max(total_chars, 1)
 
 
-def _ngram_keys(ids: np.ndarray, n: int) -> np.ndarray:
-    """uint64 key of every word n-gram (positions 0..len-n) from word ids."""
-    m = len(ids) - n + 1
-    h = ids[:m].copy()
-    for k in range(1, n):
-        h *= _NGRAM_MULT
-        h ^= ids[k:k + m]
-    return h
-
-
 def _top_ngram_fraction(ids: np.ndarray, lengths: np.ndarray, n: int, total_chars: int) -> float:
     """Characters in the most frequent n-gram (times its count) over all word characters."""
     if len(ids) < n:
         return 0.0
-    _, first, counts = np.unique(_ngram_keys(ids, n), return_index=True, return_counts=True)
+    _, first, counts = np.unique(ngram_keys(ids, n), return_index=True, return_counts=True)
     best = int(np.argmax(counts))
     if counts[best] < 2:
         return 0.0
@@ -201,7 +191,7 @@ def _dup_ngram_fraction(ids: np.ndarray, lengths: np.ndarray, n: int, total_char
     """Characters of words covered by n-grams that occur more than once (each character once)."""
     if len(ids) < n:
         return 0.0
-    _, inverse, counts = np.unique(_ngram_keys(ids, n), return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(ngram_keys(ids, n), return_inverse=True, return_counts=True)
     starts = np.flatnonzero(counts[inverse] > 1)
     delta = np.zeros(len(ids) + 1, dtype=np.int64)
     np.add.at(delta, starts, 1)

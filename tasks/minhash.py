@@ -217,6 +217,16 @@ def document_hashes(texts: Sequence[str], ngram: int, near: bool = True, normali
                           np.concatenate([[0], np.cumsum(counts_all)]).astype(np.int64))
 
 
+def ngram_keys(ids: np.ndarray, n: int) -> np.ndarray:
+    """uint64 key of every n-gram (positions 0..len-n) of uint64 word ids or hashes, multiply-xor."""
+    m = len(ids) - n + 1
+    h = ids[:m].copy()
+    for k in range(1, n):
+        h *= SHINGLE_MULT
+        h ^= ids[k:k + m]
+    return h
+
+
 def _shingles(w: np.ndarray, words: np.ndarray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """(hashes, count per text) of the n-grams of consecutive word hashes `w`, texts having
     `words` words each: five word hashes combined by multiply-xor, n-grams across texts dropped."""
@@ -224,10 +234,7 @@ def _shingles(w: np.ndarray, words: np.ndarray, ngram: int) -> tuple[np.ndarray,
     m = len(w) - ngram + 1
     if m <= 0:
         return np.zeros(0, dtype=np.uint64), counts
-    h = w[:m].copy()
-    for k in range(1, ngram):
-        h *= SHINGLE_MULT
-        h ^= w[k:k + m]
+    h = ngram_keys(w, ngram)
     doc = np.repeat(np.arange(len(words)), words)
     return h[doc[:m] == doc[ngram - 1:]], counts
 

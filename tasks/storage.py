@@ -182,17 +182,11 @@ def remote_manifest(url: str) -> tuple[dict, dict[str, int]] | None:
     return (manifest, sizes) if _complete(manifest, sizes) else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(directory: str | Path) -> bool:
     """Download the complete remote copy of a mirrored stage directory into place. False when the
     directory is not mirrored or has no complete remote copy (then the stage computes it)."""
+    from tasks.stage import sha256_file  # tasks.stage imports this module
+
     url = remote_url(directory)
     if url is None:
         return False
@@ -212,7 +206,7 @@ def fetch(directory: str | Path) -> bool:
             fs.get([f"{rdir}/{n}" for n in names], [str(tmp / n) for n in names])
         for f in manifest["files"]:
             local = tmp / f["path"]
-            if local.stat().st_size != f["bytes"] or ("sha256" in f and _sha256(local) != f["sha256"]):
+            if local.stat().st_size != f["bytes"] or ("sha256" in f and sha256_file(local) != f["sha256"]):
                 return False  # replaced while we read it, or a mixed upload: not trusted
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         if directory.exists():

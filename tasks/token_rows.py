@@ -51,7 +51,10 @@ def _complete_manifest(tokens_dir: Path, split: str) -> dict:
 
 def split_parts(tokens_dir: str | Path, split: str) -> list[dict]:
     """Manifest entries of a split's token files, in row order (the order `read_rows` concatenates)."""
-    manifest = _complete_manifest(Path(tokens_dir), split)
+    return _parts(_complete_manifest(Path(tokens_dir), split), split)
+
+
+def _parts(manifest: dict, split: str) -> list[dict]:
     return [f for f in manifest["files"] if f["path"].startswith(f"{split}/")]
 
 
@@ -61,7 +64,7 @@ def read_chunks(tokens_dir: str | Path, split: str) -> tuple[list[np.ndarray], l
     manifest = _complete_manifest(tokens_dir, split)
     dtype, width = np.dtype(manifest["dtype"]).newbyteorder("<"), manifest["seq_len"] + 1
     tokens, n_bytes = [], []
-    for entry in split_parts(tokens_dir, split):
+    for entry in _parts(manifest, split):  # the manifest read once
         table = pq.read_table(tokens_dir / entry["path"], columns=["tokens", "n_bytes"])
         tokens += [_rows_from_binary(c, dtype, width) for c in table.column("tokens").chunks]
         n_bytes.append(table.column("n_bytes").to_numpy().astype(np.int64))

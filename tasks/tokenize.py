@@ -150,10 +150,9 @@ def _weight(cfg: TokenizerConfig, source: str) -> float:
 
 
 def _encode_unit(out: Path, unit: int, path: Path, cfg: TokenizerConfig, tokenizer: Tokenizer,
-                 tokenizer_sha: str, metadata: dict[bytes, bytes]) -> dict:
+                 tokenizer_sha: str, eos_id: int, dtype: np.dtype, byte_len: np.ndarray,
+                 metadata: dict[bytes, bytes]) -> dict:
     """Tokenize one docs file into its own rows; its record is written last."""
-    eos_id = tokenizer.token_to_id(cfg.eos_token)
-    dtype, byte_len = token_dtype(tokenizer.get_vocab_size()), token_byte_lengths(tokenizer)
     writers = {s: SplitWriter(out, s, unit, cfg, eos_id, dtype, byte_len, metadata) for s in SPLITS}
     docs = {"docs_in": 0, "train": 0, "val": 0, "train_unused": 0}
     passes = max(1, math.ceil(max([1.0, *cfg.mixture.values()])))
@@ -217,13 +216,13 @@ def run_tokenize(cfg: TokenizerConfig, upstream: StageResult, workspace: str) ->
         tokenizer = load_tokenizer(out)  # encode with exactly what was saved
         tokenizer_sha = sha256_file(out / TOKENIZER_FILE)
         vocab_size, eos_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(cfg.eos_token)
-        dtype = token_dtype(vocab_size)
+        dtype, byte_len = token_dtype(vocab_size), token_byte_lengths(tokenizer)  # once, not per unit
         metadata = {f"neo.{k}".encode(): str(v).encode() for k, v in {
             "schema": SCHEMA_NAME, "tokenizer": name, "tokenizer_sha256": tokenizer_sha,
             "vocab_size": vocab_size, "eos_id": eos_id, "eos_token": cfg.eos_token,
             "seq_len": cfg.seq_len, "dtype": dtype.name}.items()}
         records = [done[u] if u in done else
-                   _encode_unit(out, u, path, cfg, tokenizer, tokenizer_sha, metadata)
+                   _encode_unit(out, u, path, cfg, tokenizer, tokenizer_sha, eos_id, dtype, byte_len, metadata)
                    for u, path in enumerate(files)]
 
     split = {s: {k: sum(r[s][k] for r in records) for k in ("draws", "bytes", "tokens", "rows",

@@ -45,7 +45,7 @@ from neo_model.hf_io import write_pretrained
 from neo_model.parallel import full_tensor, shard
 from tasks.config import TrainConfig
 from tasks.loader import TokenLoader
-from tasks.train_math import (PEAK_FLOPS, batch_shape, lr_at, make_optimizer,  # noqa: F401 (re-exported)
+from tasks.train_math import (batch_shape, lr_at, make_optimizer,  # noqa: F401 (re-exported)
                               peak_flops, peak_memory_mb, step_loss, total_steps)
 
 PROGRESS = "NEO_PROGRESS "

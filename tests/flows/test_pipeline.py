@@ -237,7 +237,6 @@ def test_editing_a_stage_helper_reruns_that_stage_and_later(first_run, corpus, t
 
 def test_transient_download_failure_is_retried(harness, corpus, tmp_path, monkeypatch):
     import tasks.download as dl
-    import tasks.prefect_stage
 
     calls = {"n": 0}
     real = dl.run_download
