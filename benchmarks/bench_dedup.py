@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "tasks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "helpers")]
 
 import numpy as np  # noqa: E402
 
 from planted_corpus import planted, write_clean_upstream  # noqa: E402
-from tasks.config import CleanConfig, CorpusConfig, DedupConfig  # noqa: E402
-from tasks.minhash import band_keys, document_hashes, oph_flat  # noqa: E402
+from tasks.core.data_config import CleanConfig, CorpusConfig, DedupConfig  # noqa: E402
+from tasks.dedup.minhash import band_keys, document_hashes, oph_flat  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "corpora"
 
@@ -85,8 +85,8 @@ def near_dup_comparison(size: int, tmp: Path, rounds: int = 1) -> dict:
     `rounds` times, alternating, and its best time counts, in CPU seconds of this process (the
     speedups) and wall seconds (the box is shared: best-of and CPU time keep the other jobs' bursts
     out of the comparison, for both sides alike; all three run single-threaded)."""
-    from tasks.clean import iter_parquet_docs
-    from tasks.dedup import decide, run_dedup
+    from tasks.core.units import iter_parquet_docs
+    from tasks.dedup.stage import decide, run_dedup
 
     docs, truth = planted(seed=42, distinct=size, near=size * 3 // 10, exact=size // 40)
     mb = sum(len(d["text"].encode()) for d in docs) / 1e6
@@ -151,7 +151,7 @@ def profile_stage(size: int, tmp: Path) -> None:
     import cProfile
     import pstats
 
-    from tasks.dedup import run_dedup
+    from tasks.dedup.stage import run_dedup
 
     docs, _ = planted(seed=42, distinct=size, near=size * 3 // 10, exact=size // 40)
     upstream = write_clean_upstream(docs, tmp / "near", per_shard=max(len(docs) // 8, 1))
@@ -183,9 +183,9 @@ def real_corpus(tmp: Path) -> list[str]:
 
 
 def clean_dedup(sources: list[str], max_bytes: int | None, ws: str) -> dict:
-    from tasks.clean import run_clean
-    from tasks.dedup import run_dedup
-    from tasks.download import run_download
+    from tasks.clean.stage import run_clean
+    from tasks.dedup.stage import run_dedup
+    from tasks.download.stage import run_download
 
     raw = run_download(CorpusConfig(sources=sources, max_bytes=max_bytes, shard_bytes=4_000_000), ws)
     mb = raw.counts["bytes"] / 1e6
@@ -235,7 +235,7 @@ def global_step_rss(root: Path, n: int) -> dict:
 
 
 def decide_rss(root: Path) -> dict:
-    from tasks.dedup import decide
+    from tasks.dedup.stage import decide
 
     dirs = sorted(root.iterdir())
     sizes = [len(np.load(d / "near.npy", mmap_mode="r")) for d in dirs]

@@ -1,7 +1,7 @@
 """Download stage benchmark: transfer throughput against curl, and RSS while streaming a big shard.
 
 1. Transfer: the same files from one local HTTP server (127.0.0.1) fetched by
-   `tasks.fetch.fetch` (bytes to a verified file on disk: sha256 checked, renamed, sidecar written)
+   `tasks.download.fetch.fetch` (bytes to a verified file on disk: sha256 checked, renamed, sidecar written)
    (the server is `python -m http.server` in its own process)
    and by plain `curl -o` (no verification), one file at a time and 4 at a time (`curl -Z`),
    alternating rounds; ratio = ours / curl throughput, the median of per-round ratios (curl
@@ -33,7 +33,7 @@ import zstandard
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.fetch import RetryPolicy, fetch  # noqa: E402
+from tasks.download.fetch import RetryPolicy, fetch  # noqa: E402
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
 
@@ -138,8 +138,8 @@ def make_shard(path: Path, target_bytes: int) -> tuple[int, int]:
 
 _CHILD = """
 import json, resource, sys, time
-from tasks.config import CorpusConfig
-from tasks.download import run_download
+from tasks.core.data_config import CorpusConfig
+from tasks.download.stage import run_download
 def rss():
     with open('/proc/self/status') as f:
         return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) * 1024

@@ -6,7 +6,7 @@ needs one GPU only.
     .venv/bin/python benchmarks/bench_gpu_train.py --smoke   # CPU, debug sizes, gloo (make bench-smoke)
 
 It needs torch and safetensors only (the device machine has no pydantic, Prefect or MLflow): the model
-is `neo_model.GPTNeo`, the optimizer `tasks.train_math.make_optimizer` (fused AdamW, decay on matrices),
+is `neo_model.GPTNeo`, the optimizer `tasks.train.maths.make_optimizer` (fused AdamW, decay on matrices),
 the FLOPs `GPTNeo.flops_per_token` (REFERENCE section 4, local layers at their window) and the peak the
 trainer's table for the card's name. Part 1 times forward + backward + AdamW step at the 125M shape
 (seq 2048, bf16 autocast, TF32 matmuls) on random tokens. Part 2 runs FSDP2 (`neo_model.parallel`:
@@ -36,7 +36,7 @@ import torch.distributed as dist  # noqa: E402
 from neo_model import GPTNeo, GPTNeoConfig  # noqa: E402
 from neo_model.checkpoint import load_checkpoint, save_checkpoint, training_state  # noqa: E402
 from neo_model.parallel import full_tensor, shard  # noqa: E402
-from tasks.train_math import make_optimizer, peak_flops  # noqa: E402
+from tasks.train.maths import make_optimizer, peak_flops  # noqa: E402
 
 OPT = SimpleNamespace(lr=6e-4, weight_decay=0.1, peak_flops=None)
 

@@ -34,11 +34,11 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from tasks.config import TokenizerConfig  # noqa: E402
-from tasks.loader import TokenLoader  # noqa: E402
-from tasks.stage import StageResult  # noqa: E402
-from tasks.bpe import load_tokenizer, train_tokenizer  # noqa: E402
-from tasks.tokenize import READ_BATCH_ROWS, run_tokenize  # noqa: E402
+from tasks.core.data_config import TokenizerConfig  # noqa: E402
+from tasks.train.loader import TokenLoader  # noqa: E402
+from tasks.core.protocol import StageResult  # noqa: E402
+from tasks.tokenize.bpe import load_tokenizer, train_tokenizer  # noqa: E402
+from tasks.tokenize.stage import READ_BATCH_ROWS, run_tokenize  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "corpora"
 

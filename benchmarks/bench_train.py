@@ -1,4 +1,4 @@
-"""Training-loop benchmark: tokens/s of the full train loop (tasks.trainer.train_loop: loader, lr
+"""Training-loop benchmark: tokens/s of the full train loop (tasks.train.trainer.train_loop: loader, lr
 schedule, gradient clipping, the NaN check and its all-reduce, metrics, progress lines) against a bare
 forward + backward + AdamW step of the same model on the same batch shape, in one run, rounds
 interleaved so load on a shared machine hits both. Goal: loop overhead < 10%.
@@ -34,10 +34,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from neo_model import GPTNeo, GPTNeoConfig  # noqa: E402
-from tasks.config import TokenizerConfig, TrainConfig  # noqa: E402
-from tasks.stage import StageResult  # noqa: E402
-from tasks.tokenize import run_tokenize  # noqa: E402
-from tasks.trainer import METRICS, make_optimizer, train_loop  # noqa: E402
+from tasks.core.data_config import TokenizerConfig  # noqa: E402
+from tasks.core.train_config import TrainConfig
+from tasks.core.protocol import StageResult  # noqa: E402
+from tasks.tokenize.stage import run_tokenize  # noqa: E402
+from tasks.train.trainer import METRICS, make_optimizer, train_loop  # noqa: E402
 
 
 def make_tokens(root: Path, seq_len: int, vocab: int, docs: int) -> StageResult:

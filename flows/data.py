@@ -1,6 +1,6 @@
 """Flow `neo_data`: download -> clean -> dedup -> tokenize, with the per-shard work mapped over shards.
 
-Two ways to run the per-shard units (`tasks/shards.py`), with byte-identical output:
+Two ways to run the per-shard units (`tasks/core/units.py`), with byte-identical output:
 - `runner="processes"` (default): clean and dedup are one cached stage task each, which runs its
   shards in a local process pool. In embedded mode this is the fast choice: a process-based Prefect
   task runner boots an ephemeral API server in every worker process (REFERENCE.md section 6).
@@ -14,14 +14,18 @@ from typing import Any, Callable, Literal
 
 from prefect import flow, task
 
-from tasks import shards, storage
-from tasks.clean import clean, report_lines as clean_report_lines, run_clean
-from tasks.config import PipelineConfig, default_workspace
-from tasks.dedup import dedup, report_lines as dedup_report_lines, run_dedup
-from tasks.download import download
-from tasks.prefect_stage import report
-from tasks.stage import StageResult
-from tasks.tokenize import tokenize
+from tasks.clean.shard import clean_shard
+from tasks.clean.stage import report_lines as clean_report_lines, run_clean
+from tasks.clean.task import clean
+from tasks.core import storage
+from tasks.core.config import PipelineConfig, default_workspace
+from tasks.core.prefect_stage import report
+from tasks.core.protocol import StageResult
+from tasks.dedup.shard import signature_shard, write_dedup_shard
+from tasks.dedup.stage import report_lines as dedup_report_lines, run_dedup
+from tasks.dedup.task import dedup
+from tasks.download.task import download
+from tasks.tokenize.task import tokenize
 
 Runner = Literal["processes", "dask"]
 
@@ -29,23 +33,23 @@ Runner = Literal["processes", "dask"]
 @task(name="clean-shard", task_run_name="clean-shard-{out}")
 def clean_shard_task(cfg: Any, shard: str, out: str, reasons: tuple[str, ...]) -> dict:
     """Clean one raw shard (reused when its output directory is complete)."""
-    return shards.clean_shard(cfg, shard, out, reasons)
+    return clean_shard(cfg, shard, out, reasons)
 
 
 @task(name="signature-shard", task_run_name="signature-shard-{out}")
 def signature_shard_task(cfg: Any, docs: str, out: str) -> dict:
     """Exact keys, MinHash signatures and band keys of one clean shard."""
-    return shards.signature_shard(cfg, docs, out)
+    return signature_shard(cfg, docs, out)
 
 
 @task(name="dedup-write-shard", task_run_name="dedup-write-shard-{out}")
 def write_shard_task(docs: str, out: str, rows: list[int], ledger: list[dict]) -> dict:
     """One clean shard minus its duplicates, plus its ledger."""
-    return shards.write_dedup_shard(docs, out, rows, ledger)
+    return write_dedup_shard(docs, out, rows, ledger)
 
 
-UNIT_TASKS = {shards.clean_shard: clean_shard_task, shards.signature_shard: signature_shard_task,
-              shards.write_dedup_shard: write_shard_task}
+UNIT_TASKS = {clean_shard: clean_shard_task, signature_shard: signature_shard_task,
+              write_dedup_shard: write_shard_task}
 
 
 def prefect_mapper(fn: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
@@ -62,7 +66,7 @@ def neo_data(config: PipelineConfig = PipelineConfig(), workspace: str | None = 
              through: Literal["dedup", "tokenize"] = "tokenize") -> dict[str, StageResult]:
     """Prepare training data: raw shards, cleaned, de-duplicated and tokenized. `workspace` may be
     an fsspec URL (e.g. s3://bucket/prefix): stages then compute in a local working copy and share
-    their outputs through it (`tasks/storage.py`)."""
+    their outputs through it (`tasks/core/storage.py`)."""
     ws = storage.attach(workspace or str(default_workspace()))
     raw = download(config.corpus, ws)
     if per_shard_tasks:

@@ -8,16 +8,16 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from tasks import storage
-from tasks.clean import clean
-from tasks.config import PipelineConfig, default_workspace, redacted_params
-from tasks.dedup import dedup
-from tasks.download import download
-from tasks.evaluate import evaluate
-from tasks.register import register
-from tasks.stage import StageResult
-from tasks.tokenize import tokenize
-from tasks.train import train
+from tasks.clean.task import clean
+from tasks.core import storage
+from tasks.core.config import PipelineConfig, default_workspace, redacted_params
+from tasks.core.protocol import StageResult
+from tasks.dedup.task import dedup
+from tasks.download.task import download
+from tasks.evaluate.task import evaluate
+from tasks.register.task import register
+from tasks.tokenize.task import tokenize
+from tasks.train.task import train
 
 
 class PipelineSummary(BaseModel):
@@ -81,7 +81,7 @@ def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | Non
     """
     _hold_while_file_exists()
     shared = workspace or str(default_workspace())
-    ws = storage.attach(shared)  # a URL workspace: a local working copy, mirrored (tasks/storage.py)
+    ws = storage.attach(shared)  # a URL workspace: a local working copy, mirrored (tasks/core/storage.py)
     raw = _stage(download, config.corpus, ws)
     cleaned = _stage(clean, config.clean, raw, ws)
     deduped = _stage(dedup, config.dedup, cleaned, ws)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks import storage
-from tasks.config import PipelineConfig, default_workspace, redacted_params
-from tasks.evaluate import evaluate
-from tasks.register import register
-from tasks.stage import StageResult, read_manifest, result_from_manifest
-from tasks.tokenize import INFO_KEYS as TOKEN_INFO_KEYS
-from tasks.train import train
+from tasks.core import storage
+from tasks.core.config import PipelineConfig, default_workspace, redacted_params
+from tasks.core.protocol import StageResult, read_manifest, result_from_manifest
+from tasks.evaluate.task import evaluate
+from tasks.register.task import register
+from tasks.tokenize.stage import INFO_KEYS as TOKEN_INFO_KEYS
+from tasks.train.task import train
 
 
 def tokens_result(tokens_dir: str | Path) -> StageResult:

@@ -31,7 +31,7 @@ PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 @pytest.fixture(scope="session")
 def postgres_server() -> str:
     """`PG_SERVER` when it answers; otherwise skip with the reason, or fail under CI=true."""
-    from flows.stack import postgres_reachable
+    from flows.cli.databases import postgres_reachable
 
     if not postgres_reachable(f"{PG_SERVER}/postgres"):
         if os.environ.get("CI") == "true":

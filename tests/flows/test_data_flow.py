@@ -1,17 +1,15 @@
 """Data flow: download -> clean -> dedup; per-shard tasks on a Dask LocalCluster give the same output
 as the default process-pool runner (tokenize, the last step, is covered by the pipeline test)."""
-import sys
 from pathlib import Path
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from planted_corpus import planted, write_text_files  # noqa: E402
+from planted_corpus import planted, write_text_files  # tests/helpers (pytest pythonpath)
 
 from flows.data import run_data  # noqa: E402
-from tasks.config import PipelineConfig  # noqa: E402
-from tasks.stage import read_manifest  # noqa: E402
+from tasks.core.config import PipelineConfig  # noqa: E402
+from tasks.core.protocol import read_manifest  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
                                             DeploymentFilterId, FlowRunFilter, FlowRunFilterId)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows import notify
-from flows.stack import database_urls, drop_databases, ensure_databases
-from tasks.config import load_config
-from tasks.procs import free_port, log_tail, start_process, stop_process, wait_http
+from flows.cli import notify
+from flows.cli.databases import database_urls, drop_databases, ensure_databases
+from tasks.core.config import load_config
+from flows.cli.procs import free_port, log_tail, start_process, stop_process, wait_http
 
 pytestmark = pytest.mark.integration
 

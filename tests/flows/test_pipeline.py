@@ -15,11 +15,11 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
                                             FlowRunFilterId)
 from prefect.testing.utilities import prefect_test_harness
 
-import tasks.stage
+import tasks.core.protocol
 from flows.pipeline import neo_pipeline
-from tasks import tracking
-from tasks.config import load_config
-from tasks.stage import read_manifest, verify_manifest
+from tasks.core import tracking
+from tasks.core.config import load_config
+from tasks.core.protocol import read_manifest, verify_manifest
 
 STAGES = ["download", "clean", "dedup", "tokenize", "train", "evaluate", "register"]
 WORDS = ("alpha beta gamma delta value index count total result items name data buffer offset "
@@ -91,7 +91,7 @@ def _stage_names(flow_run_id, expected: int = len(STAGES)) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def first_run(harness, corpus, tmp_path_factory):
-    import tasks.download as dl
+    import tasks.download.stage as dl
 
     ws = tmp_path_factory.mktemp("ws")
     progress: list[dict] = []
@@ -218,15 +218,15 @@ def test_editing_a_stage_helper_reruns_that_stage_and_later(first_run, corpus, t
     """Edit a helper function of the clean stage (not the task function, which Prefect's TASK_SOURCE
     would see) in a copy of the sources: clean and everything after it re-run, download stays cached."""
     root = tmp_path / "src"
-    for pkg in tasks.stage.PROJECT_PACKAGES:
-        shutil.copytree(tasks.stage.PROJECT_ROOT / pkg, root / pkg,
+    for pkg in tasks.core.protocol.PROJECT_PACKAGES:
+        shutil.copytree(tasks.core.protocol.PROJECT_ROOT / pkg, root / pkg,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    clean_py = root / "tasks" / "clean.py"
+    clean_py = root / "tasks" / "clean" / "filters.py"
     src = clean_py.read_text()
     marker = "\ndef "  # first helper function defined in the module
     idx = src.index(marker)
     clean_py.write_text(src[:idx] + "\n_EDITED_HELPER_CONSTANT = 1\n" + src[idx:])
-    monkeypatch.setattr(tasks.stage, "PROJECT_ROOT", root)
+    monkeypatch.setattr(tasks.core.protocol, "PROJECT_ROOT", root)
     summary, flow_run_id = _run(first_run["cfg"], first_run["ws"])
     states, _ = _stage_names(flow_run_id)
     assert states["download"] == "Cached"
@@ -236,7 +236,7 @@ def test_editing_a_stage_helper_reruns_that_stage_and_later(first_run, corpus, t
 
 
 def test_transient_download_failure_is_retried(harness, corpus, tmp_path, monkeypatch):
-    import tasks.download as dl
+    import tasks.download.task as dl
 
     calls = {"n": 0}
     real = dl.run_download
@@ -269,9 +269,9 @@ def test_cli_models_promote_rollback_and_export_hf(first_run, tmp_path):
     import transformers
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from tasks import registry
-    from tasks.evals.scoring import rolling_nll
+    from flows.cli.main import app
+    from tasks.register import registry
+    from tasks.evaluate.evals.scoring import rolling_nll
     from neo_model import GPTNeo
 
     ws, name = str(first_run["ws"]), first_run["cfg"].registry.model_name
@@ -298,7 +298,7 @@ def test_cli_models_promote_rollback_and_export_hf(first_run, tmp_path):
     hf = transformers.GPTNeoForCausalLM.from_pretrained(dest, attn_implementation="eager").eval()
     hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(dest)
     ours = GPTNeo.from_pretrained(dest)
-    from tasks.bpe import load_tokenizer
+    from tasks.tokenize.bpe import load_tokenizer
 
     text = "def alpha_beta_0(alpha, beta=None):\n    return [alpha, beta]\n"
     ids = load_tokenizer(first_run["summary"].stages["tokenize"].path).encode(text).ids
@@ -319,7 +319,7 @@ def test_mlflow_models_serve_round_trip(first_run, tmp_path):
 
     import mlflow
 
-    from tasks.procs import free_port, start_process, stop_process, wait_http
+    from flows.cli.procs import free_port, start_process, stop_process, wait_http
 
     name = first_run["cfg"].registry.model_name
     port = free_port()

@@ -8,22 +8,20 @@ MLflow keeps an S3 workspace's artifacts in the bucket (MLFLOW_S3_ENDPOINT_URL).
 """
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from planted_corpus import planted, write_text_files  # noqa: E402
+from planted_corpus import planted, write_text_files  # tests/helpers (pytest pythonpath)
 
 from flows.data import run_data  # noqa: E402
 from flows.train import tokens_result  # noqa: E402
-from tasks import storage, tracking  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.procs import free_port  # noqa: E402
-from tasks.stage import MANIFEST, read_manifest  # noqa: E402
+from tasks.core import storage, tracking  # noqa: E402
+from tasks.core.config import load_config  # noqa: E402
+from flows.cli.procs import free_port  # noqa: E402
+from tasks.core.protocol import MANIFEST, read_manifest  # noqa: E402
 
 BUCKET = "neo-ws"
 URL = f"s3://{BUCKET}/team/ws"

@@ -1,0 +1,249 @@
+"""`neo` command line: run the pipeline, verify outputs, manage registered models, export to HF.
+
+Configuration is validated and the embedded Prefect/MLflow locations are set before Prefect is
+imported, so a bad `--set` fails in milliseconds, naming the key, and no work starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tasks.core.config import ConfigError, default_workspace, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="neo-pipeline: pre-train GPT-Neo with Prefect and MLflow.")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _download_progress():
+    """A progress bar (bytes and documents per second) while the download stage streams sources."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import tasks.download.stage as dl
+
+    bar = Progress(TextColumn("[bold]download"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                   TimeElapsedColumn(), TextColumn("{task.fields[rate]}"))
+    state: dict = {}
+
+    def hook(p: dict) -> None:
+        if "task" not in state:
+            bar.start()
+            state["task"] = bar.add_task("download", total=100, rate="")
+        bar.update(state["task"], completed=100 * p["fraction"],
+                   rate=f"{p['docs']:,.0f} docs, {p['docs_per_s']:,.0f} docs/s, "
+                        f"{p['read_bytes_per_s'] / 1e6:,.1f} MB/s")
+        if p["fraction"] >= 1:
+            bar.stop()
+
+    dl.PROGRESS_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        dl.PROGRESS_HOOKS.remove(hook)
+        bar.stop()
+
+
+@app.command()
+def run(
+    config: str = typer.Option("tiny", "-c", "--config", help="Preset name in configs/ or a YAML path."),
+    set_: list[str] = typer.Option([], "--set", help="Override: section.key=value (repeatable)."),
+    workspace: Optional[str] = typer.Option(
+        None, "-w", "--workspace", help="Workspace root (default $NEO_HOME or ./.neo), or an fsspec "
+        "URL on shared storage such as s3://bucket/prefix (computed in a local copy under $NEO_CACHE_DIR)."),
+) -> None:
+    """Run the whole pipeline: download, clean, dedup, tokenize, train, evaluate, register."""
+    from tasks.core import storage
+
+    try:
+        cfg = load_config(config, set_)
+        shared = workspace if workspace and storage.is_remote(workspace) else None
+        ws = Path(storage.attach(shared)) if shared else Path(workspace or default_workspace()).resolve()
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    from flows.cli.runtime import configure, ui_instructions
+
+    configure(ws)
+    typer.echo(f"neo: config {cfg.name!r}, workspace {shared + f' (local copy {ws})' if shared else ws}")
+    from flows.pipeline import neo_pipeline
+
+    with _download_progress():
+        s = neo_pipeline(config=cfg, workspace=shared or str(ws))
+    reused = [name for name, r in s.stages.items() if r.reused]
+    lines = [
+        "",
+        "== neo-pipeline summary ==",
+        f"registered model : {s.model_name} version {s.version} (@{s.alias})",
+        f"validation       : perplexity {s.val_ppl:.2f}, bits-per-byte {s.val_bpb:.4f} "
+        f"(unigram baseline {s.unigram_val_bpb:.4f})",
+        f"MLflow run       : {s.run_id}",
+        f"workspace        : {ws}",
+        *(f"stage {n:<11}: {r.path}" for n, r in s.stages.items()),
+        *ui_instructions(ws),
+    ]
+    if reused:
+        lines.insert(-2, f"reused outputs   : {', '.join(reused)}")
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def verify(workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
+    """Re-hash every stage output against its manifest (full sha256 check)."""
+    from tasks.core.protocol import MANIFEST, verify_manifest
+
+    ws = (workspace or default_workspace()).resolve()
+    dirs = sorted(p.parent for p in ws.glob(f"*/*/{MANIFEST}"))
+    problems = [msg for d in dirs for msg in verify_manifest(d)]
+    for msg in problems:
+        typer.secho(msg, fg=typer.colors.RED)
+    typer.echo(f"verified {len(dirs)} stage directories, {len(problems)} problems")
+    if problems:
+        raise typer.Exit(1)
+
+
+def _registry_client(workspace: Optional[Path]):
+    """MLflow client on `MLFLOW_TRACKING_URI`, else the workspace's SQLite store."""
+    import os
+
+    from flows.cli.runtime import OFFLINE_DEFAULTS
+
+    for k, v in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    ws = (workspace or default_workspace()).resolve()
+    from tasks.core import tracking
+
+    return tracking.client(ws)
+
+
+@app.command()
+def models(name: str = typer.Argument(..., help="Registered model name."),
+           workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
+    """List a registered model's versions with aliases, bits-per-byte and gate decisions."""
+    from tasks.register import registry
+
+    rows = registry.list_versions(_registry_client(workspace), name)
+    if not rows:
+        _fail(f"no versions of model {name!r}")
+    typer.echo(f"{'version':>7}  {'aliases':<28} {'val_bpb':>8}  decision")
+    for r in rows:
+        bpb = f"{r.metric:.4f}" if r.metric is not None else "-"
+        typer.echo(f"{r.version:>7}  {','.join(r.aliases) or '-':<28} {bpb:>8}  {r.decision or '-'}")
+
+
+@app.command()
+def promote(name: str, version: str, workspace: Optional[Path] = typer.Option(None, "-w", "--workspace"),
+            reason: str = typer.Option("promoted by hand", help="Recorded as the version's gate.reason.")) -> None:
+    """Make VERSION the champion; the current champion becomes previous-champion."""
+    from tasks.register import registry
+
+    old = registry.promote(_registry_client(workspace), name, version, reason)
+    typer.echo(f"{name}: version {version} is @champion" + (f" (was {old}, now @previous-champion)"
+                                                           if old and old != version else ""))
+
+
+@app.command()
+def rollback(name: str, workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
+    """Give @champion back to @previous-champion."""
+    from tasks.register import registry
+
+    try:
+        demoted, restored = registry.rollback(_registry_client(workspace), name)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"{name}: version {restored} is @champion again (version {demoted} rolled back)")
+
+
+@app.command("export-hf")
+def export_hf(model: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION, or a model directory."),
+              out: Path = typer.Argument(..., help="Destination directory."),
+              workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
+    """Write a Hugging Face directory (GPTNeoForCausalLM + PreTrainedTokenizerFast files)."""
+    from tasks.register.export import copy_export
+
+    if Path(model).is_dir():
+        copy_export(model, out)
+    else:
+        import tempfile
+
+        import mlflow
+
+        c = _registry_client(workspace)
+        if "@" in model:
+            name, alias = model.split("@", 1)
+            mv = c.get_model_version_by_alias(name, alias)
+        elif "/" in model:
+            name, version = model.split("/", 1)
+            mv = c.get_model_version(name, version)
+        else:
+            _fail(f"{model!r}: expected NAME@ALIAS, NAME/VERSION or a directory")
+        with tempfile.TemporaryDirectory() as tmp:
+            src = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="hf_model", dst_path=tmp,
+                                                      tracking_uri=c.tracking_uri)
+            copy_export(src, out)
+    typer.echo(f"exported to {out.resolve()} (transformers: GPTNeoForCausalLM.from_pretrained, "
+               "PreTrainedTokenizerFast.from_pretrained)")
+
+
+@app.command()
+def gc(workspace: Optional[Path] = typer.Option(None, "-w", "--workspace"),
+       keep_days: float = typer.Option(7.0, help="Keep anything changed within this many days."),
+       include_cache: bool = typer.Option(False, help="Also remove the download cache."),
+       yes: bool = typer.Option(False, "--yes", help="Delete; without it, only list (dry run).")) -> None:
+    """Remove stage outputs no registered model version or recent run refers to (dry run first)."""
+    from flows.cli import gc as retention
+
+    ws = (workspace or default_workspace()).resolve()
+    refs = retention.referenced_fingerprints(_registry_client(ws))
+    found = retention.collect(ws, refs, keep_days, include_cache)
+    for cand in found:
+        typer.echo(f"{'remove' if yes else 'would remove'} {cand.path}  ({cand.stage}, "
+                   f"{cand.bytes / 1e6:,.1f} MB, {cand.age_days:.1f} days old)")
+    total = sum(c.bytes for c in found)
+    if yes:
+        retention.remove(found)
+        typer.echo(f"removed {len(found)} directories, {total / 1e6:,.1f} MB")
+    else:
+        typer.echo(f"dry run: {len(found)} directories, {total / 1e6:,.1f} MB; rerun with --yes to delete")
+
+
+notify_app = typer.Typer(no_args_is_help=True, help="Notifications through Prefect automations.")
+app.add_typer(notify_app, name="notify")
+
+
+@notify_app.command("setup")
+def notify_setup(webhook: str = typer.Option(..., "--webhook", help="URL that receives JSON POSTs.")) -> None:
+    """Notify WEBHOOK of failed retrain runs and model promotions (idempotent; needs PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        _fail("PREFECT_API_URL is not set: automations live on a Prefect server (e.g. `neo stack up`)")
+    from flows.cli import notify
+
+    try:
+        done = notify.setup(webhook)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"webhook block {notify.BLOCK_NAME!r} ({done.block_id}) -> {webhook}")
+    for name, automation_id in done.automations.items():
+        typer.echo(f"automation {name!r}: {automation_id}")
+
+
+from flows.cli.stack import stack_app  # noqa: E402  (no Prefect import: `neo stack` starts fast)
+
+app.add_typer(stack_app, name="stack")
+
+
+def main() -> None:
+    app(prog_name="neo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

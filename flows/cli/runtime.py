@@ -1,0 +1,50 @@
+"""Where Prefect and MLflow live: embedded in the workspace unless servers are configured.
+
+Prefect reads its settings when first imported, so `configure` must run before anything imports
+Prefect (the CLI calls it first). With `PREFECT_API_URL` set, Prefect talks to that server; without
+it, Prefect starts its ephemeral API on a SQLite database under `<workspace>/prefect`. MLflow uses
+`MLFLOW_TRACKING_URI` when set, else `sqlite:///<workspace>/mlflow/mlflow.db` (tasks/core/tracking.py).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OFFLINE_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline machines: telemetry only logs errors
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "true",
+    # The ephemeral API's default 20 s start-up limit is too short on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}
+
+
+def configure(workspace: str | Path) -> dict[str, str]:
+    """Set the environment for embedded mode; returns what it set. Never overrides the user."""
+    ws = Path(workspace).resolve()
+    ws.mkdir(parents=True, exist_ok=True)
+    applied = {k: v for k, v in OFFLINE_DEFAULTS.items() if k not in os.environ}
+    if not os.environ.get("PREFECT_API_URL"):
+        # Embedded mode: Prefect's database and results belong to this workspace.
+        applied["PREFECT_HOME"] = str(ws / "prefect")
+        applied["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(ws / "prefect" / "storage")
+    os.environ.update(applied)
+    return applied
+
+
+def ui_instructions(workspace: str | Path) -> list[str]:
+    ws = Path(workspace).resolve()
+    lines = []
+    if os.environ.get("PREFECT_API_URL"):
+        lines.append(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    else:
+        lines.append(f"Prefect UI: PREFECT_HOME={ws / 'prefect'} prefect server start  "
+                     "-> http://127.0.0.1:4200")
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri.startswith("http"):
+        lines.append(f"MLflow UI: {uri}")
+    else:
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {uri or f'sqlite:///{ws}/mlflow/mlflow.db'} "
+                     "--port 5000  -> http://127.0.0.1:5000")
+    return lines

@@ -1,0 +1,58 @@
+"""The clean stage's unit: one raw shard -> `docs.parquet` + `rejected.parquet` (a worker process).
+
+Runs in spawned workers, so it imports no Prefect; the unit directory protocol (content-addressed
+name, `shard.json` written last) is `tasks/core/units.py`'s.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+
+from tasks.clean.filters import LINE_RULES, clean_document, fixer_config
+from tasks.core.data_config import CleanConfig
+from tasks.core.units import DOC_SCHEMA, ParquetSink, finish_unit, read_done, start_unit
+from tasks.download.readers import read_shard
+
+REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string()),
+                           ("value", pa.float64()), ("n_chars", pa.int64()), ("profile", pa.string())])
+
+
+def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) -> dict:
+    """Repair, normalize and filter one raw shard into `docs.parquet` + `rejected.parquet`."""
+    directory = Path(out)
+    if (done := read_done(directory)) is not None:
+        return {**done, "reused": True}
+    started = time.time()
+    start_unit(directory)
+    fixer = fixer_config(cfg)
+    counts = {"docs_in": 0, "kept": 0, **{f"rejected:{r}": 0 for r in reasons}}
+    stats = {"repaired": 0, "ast_reverted": 0}
+    lines_removed = dict.fromkeys(LINE_RULES, 0)
+    profiles: dict[str, int] = {}
+    cleaning = 0.0  # seconds in repair, normalization, line rules and filters; the rest is I/O
+    with ParquetSink(directory / "docs.parquet", DOC_SCHEMA) as docs, \
+            ParquetSink(directory / "rejected.parquet", REJECT_SCHEMA) as rejected:
+        for doc in read_shard(Path(shard)):  # a truncated shard raises BrokenStream
+            counts["docs_in"] += 1
+            t = time.perf_counter()
+            out = clean_document(doc["text"], doc["id"], cfg, fixer)
+            cleaning += time.perf_counter() - t
+            profiles[out.profile] = profiles.get(out.profile, 0) + 1
+            stats["repaired"] += out.repaired
+            stats["ast_reverted"] += out.ast_reverted
+            for rule, n in out.lines_removed.items():
+                lines_removed[rule] += n
+            if out.rejection is None:
+                docs.add(id=doc["id"], text=out.text, source=doc["source"])
+                counts["kept"] += 1
+            else:
+                reason, value = out.rejection
+                rejected.add(id=doc["id"], source=doc["source"], reason=reason, value=float(value),
+                             n_chars=len(out.text), profile=out.profile)
+                counts[f"rejected:{reason}"] += 1
+    summary = {"counts": counts, **stats, "lines_removed": lines_removed, "profiles": profiles,
+               "seconds": time.time() - started, "cleaning_seconds": cleaning}
+    return {**finish_unit(directory, summary, ["docs.parquet", "rejected.parquet"]), "reused": False}

@@ -1,0 +1,119 @@
+"""Clean: repair broken Unicode, normalize, and reject low-quality documents by per-source profile.
+
+Each raw shard becomes `docs-NNNNN.parquet` (id, text, source) plus a ledger
+`rejected/rejected-NNNNN.parquet` (id, source, reason, value, n_chars, profile): one row per rejected
+document with the measured value that failed its rule (`tasks/clean/filters.py`). ftfy runs only on lines
+its badness check flags, with the fixes that would rewrite intact source code switched off; control
+characters and trailing blanks go; a Python file that parsed before cleaning keeps its AST or is
+left as it was.
+
+Shards are cleaned independently in worker processes (`tasks/core/units.py`); each shard's output is
+stored under a fingerprint of its own input shard's sha256, the config and the code, then linked
+into the stage directory. So when the corpus grows, only new shards are cleaned.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.clean.filters import LINE_RULES, reasons_for
+from tasks.clean.shard import clean_shard
+from tasks.core.data_config import CleanConfig
+from tasks.core.protocol import (StageResult, check_accounting, code_version, file_entry, prepare_dir,
+                                 result_from_manifest, write_manifest)
+from tasks.core.units import Mapper, finished, link, stage_plan, unit_mapper, unit_outputs
+
+STAGE = "clean"
+VERSION = 3
+INFO_KEYS = ("repaired", "ast_reverted", "lines_removed", "profiles", "shards_run", "shards_reused",
+             "timings")
+
+
+def _plan(cfg: CleanConfig, upstream: StageResult, workspace: str) -> tuple[str, Path, str]:
+    return stage_plan(STAGE, __name__, VERSION, cfg, upstream, workspace)
+
+
+def plan(cfg: CleanConfig, upstream: StageResult, workspace: str) -> tuple[str, Path]:
+    return _plan(cfg, upstream, workspace)[:2]
+
+
+def active_reasons(cfg: CleanConfig) -> tuple[str, ...]:
+    return reasons_for([cfg.default_profile, *cfg.profiles.values()])
+
+
+def shard_jobs(cfg: CleanConfig, upstream: StageResult, workspace: str) -> list[tuple]:
+    """One `clean_shard` job per raw shard, each with its own content-addressed output directory."""
+    code, reasons = code_version(__name__, VERSION), active_reasons(cfg)
+    return [(cfg, path, out, reasons)
+            for path, out in unit_outputs(cfg, upstream, code, "shard-", Path(workspace) / STAGE / "shards")]
+
+
+def assemble(cfg: CleanConfig, upstream: StageResult, workspace: str, jobs: list[tuple],
+             summaries: list[dict], started: float) -> StageResult:
+    """Link unit outputs into the stage directory, check the accounting, write the manifest."""
+    fp, directory, code = _plan(cfg, upstream, workspace)
+    if (done := finished(directory, INFO_KEYS)) is not None:
+        return done
+    prepare_dir(directory)
+    reasons = active_reasons(cfg)
+    counts = {"docs_in": 0, "kept": 0, **{f"rejected:{r}": 0 for r in reasons}}
+    info: dict[str, Any] = {"repaired": 0, "ast_reverted": 0, "profiles": {},
+                            "lines_removed": dict.fromkeys(LINE_RULES, 0), "shards_run": 0,
+                            "shards_reused": 0}
+    entries, unit_seconds, cleaning = [], 0.0, 0.0
+    for i, (job, summary) in enumerate(zip(jobs, summaries)):
+        for key, value in summary["counts"].items():
+            counts[key] += value
+        for key in ("repaired", "ast_reverted"):
+            info[key] += summary[key]
+        for rule, n in summary["lines_removed"].items():
+            info["lines_removed"][rule] += n
+        for name, n in summary["profiles"].items():
+            info["profiles"][name] = info["profiles"].get(name, 0) + n
+        info["shards_reused" if summary["reused"] else "shards_run"] += 1
+        if not summary["reused"]:
+            unit_seconds += summary["seconds"]
+            cleaning += summary["cleaning_seconds"]
+        unit = Path(job[2])
+        docs, rejected = directory / f"docs-{i:05d}.parquet", directory / "rejected" / f"rejected-{i:05d}.parquet"
+        link(unit / "docs.parquet", docs)
+        link(unit / "rejected.parquet", rejected)
+        entries += [file_entry(docs, directory, rows=summary["counts"]["kept"]),
+                    file_entry(rejected, directory, rows=summary["counts"]["docs_in"] - summary["counts"]["kept"])]
+    check_accounting(counts, counts["docs_in"], ["kept", *(f"rejected:{r}" for r in reasons)],
+                     f"clean {directory}")
+    info["timings"] = {"clean_shards_cpu_s": round(unit_seconds, 3),
+                       "repair_and_filters_s": round(cleaning, 3),
+                       "read_and_write_s": round(unit_seconds - cleaning, 3),
+                       "wall_s": round(time.time() - started, 3)}
+    manifest = write_manifest(directory, stage=STAGE, fp=fp, code=code, config=cfg,
+                              inputs=[upstream.fingerprint], counts=counts, files=entries,
+                              started=started, **info)
+    return result_from_manifest(directory, manifest, reused=False, info_keys=INFO_KEYS)
+
+
+def run_clean(cfg: CleanConfig, upstream: StageResult, workspace: str,
+              mapper: Mapper | None = None) -> StageResult:
+    """Clean every raw shard of `upstream` into Parquet documents plus a rejection ledger."""
+    started = time.time()
+    if (done := finished(_plan(cfg, upstream, workspace)[1], INFO_KEYS)) is not None:
+        return done
+    jobs = shard_jobs(cfg, upstream, workspace)
+    summaries = unit_mapper(mapper, cfg.workers)(clean_shard, jobs)
+    return assemble(cfg, upstream, workspace, jobs, summaries, started)
+
+
+def report_lines(result: StageResult) -> list[str]:
+    c, info = result.counts, result.info
+    kept_rate = c["kept"] / c["docs_in"] if c["docs_in"] else 0.0
+    rows = [f"| {k.split(':', 1)[1]} | {v:,} |" for k, v in c.items() if k.startswith("rejected:") and v]
+    return [f"- kept: {kept_rate:.1%} of documents",
+            f"- repaired by ftfy or normalization: {info.get('repaired', 0)}; Python files left as "
+            f"they were to keep their AST: {info.get('ast_reverted', 0)}",
+            f"- lines removed by the C4 line rules (prose): {info.get('lines_removed', {})}",
+            f"- documents per profile: {info.get('profiles', {})}",
+            f"- shards cleaned: {info.get('shards_run', 0)}, reused: {info.get('shards_reused', 0)}",
+            f"- time per sub-step: {info.get('timings', {})}",
+            f"- rejection ledger: `{Path(result.path) / 'rejected'}`",
+            "", "| rejected because | documents |", "|---|---|", *(rows or ["| (none) | 0 |"])]

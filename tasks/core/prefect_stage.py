@@ -1,0 +1,84 @@
+"""The thin Prefect layer every stage task shares: cache keys, run names, retries, report artifacts.
+
+A stage module defines `plan(**task_parameters) -> (fingerprint, directory)` and decorates its task
+with `stage_task(...)`. The cache key is the stage fingerprint (config + inputs + code version), so an
+unchanged rerun is served from Prefect's cache across flow runs, while any change to config, input or
+code gives a new key. A cache hit is only honoured while the stage directory is still complete.
+"""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
+from prefect.tasks import exponential_backoff
+
+from tasks.core.protocol import StageResult, read_manifest, stable_hash
+
+Plan = Callable[..., tuple[str, Path]]
+
+RETRY_BACKOFF_S = 2.0
+"""First retry waits ~2 s, then ~4 s, ~8 s (each +/- 50% jitter)."""
+
+
+def _cache_key(stage: str, plan: Plan) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        fp, directory = plan(**parameters)
+        base = f"neo-{stage}-{fp}-{stable_hash(str(Path(directory).resolve()), 8)}"
+        if read_manifest(directory) is None and _has_record(context, base):
+            # A cached result exists but its output was deleted or damaged since: never serve it.
+            # Run under a one-off key instead; the rebuilt directory makes `base` valid again.
+            return f"{base}-rebuild-{uuid.uuid4().hex[:8]}"
+        return base
+
+    return key
+
+
+def _has_record(context: TaskRunContext, key: str) -> bool:
+    store = getattr(context, "result_store", None)
+    try:
+        return bool(store is not None and store.exists(key))
+    except Exception:  # an unreadable record is as good as none
+        return False
+
+
+def _run_name(stage: str, plan: Plan) -> Callable[[], str]:
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        try:
+            fp, _ = plan(**task_run.parameters)
+            return f"{stage}-{fp[:10]}"
+        except Exception:  # naming must never fail a run
+            return stage
+
+    return name
+
+
+def stage_task(stage: str, plan: Plan, *, retries: int = 0, **options: Any):
+    """Decorate a stage function as a cached, named, optionally retried Prefect task."""
+    retry_opts: dict[str, Any] = {}
+    if retries:
+        retry_opts = {"retries": retries,
+                      "retry_delay_seconds": exponential_backoff(backoff_factor=RETRY_BACKOFF_S)(retries),
+                      "retry_jitter_factor": 0.5}
+
+    def decorate(fn):
+        return task(name=stage, cache_key_fn=_cache_key(stage, plan), persist_result=True,
+                    task_run_name=_run_name(stage, plan), **retry_opts, **options)(fn)
+
+    return decorate
+
+
+def report(stage: str, result: StageResult, lines: list[str] | None = None) -> None:
+    """One markdown artifact per stage run: counts, where the output is, stage-specific notes."""
+    counts = "\n".join(f"| {k} | {v:,} |" for k, v in result.counts.items())
+    body = [f"# {stage}", "", f"- fingerprint: `{result.fingerprint}`", f"- output: `{result.path}`",
+            f"- reused existing output: {result.reused}", "", "| count | value |", "|---|---|", counts]
+    if lines:
+        body += ["", *lines]
+    create_markdown_artifact(key=f"{stage}-report", markdown="\n".join(body),
+                             description=f"{stage} stage report")

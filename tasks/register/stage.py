@@ -1,0 +1,218 @@
+"""Register stage: log the trained model into its training run, register it, run the promotion gate.
+
+Everything lands in the MLflow run the train stage opened: params (the whole config, secrets
+redacted), dataset lineage (`log_inputs` per stage, the fingerprint as digest and tag, manifests as
+artifacts), code versions and the Prefect flow run as tags, the eval report and samples, and the model
+as a pyfunc text generator plus its Hugging Face files. The new version is tagged with its
+fingerprints and metrics.
+
+The gate compares like with like: the current champion is re-scored on the candidate's validation
+text (each model with its own tokenizer, bits-per-byte being tokenizer-independent) and the candidate
+takes `champion` only if it is better by more than `registry.margin`; otherwise it is `challenger`.
+Re-running (a retry, a lost cache) never registers the same training twice: a version is looked up
+by its fingerprint tag first.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tasks.register import registry
+from tasks.core import tracking
+from tasks.tokenize.bpe import load_tokenizer
+from tasks.core.train_config import RegistryConfig
+from tasks.evaluate.evals.scoring import rolling_nll
+from tasks.core.protocol import (StageResult, code_version, file_entry, fingerprint, prepare_dir, read_manifest,
+                         result_from_manifest, stable_hash, stage_dir, write_json_atomic, write_manifest)
+from tasks.tokenize.rows import read_rows
+
+STAGE = "register"
+VERSION = 2
+INFO_KEYS = ("model_name", "version", "alias", "run_id", "metric", "gate")
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+NEO_MODEL_DIR = Path(__file__).resolve().parents[2] / "neo_model"
+PIP_REQUIREMENTS = ["torch==2.13.0", "tokenizers", "safetensors", "numpy", "pandas"]
+
+
+def plan(cfg: RegistryConfig, upstream: StageResult, lineage: list[StageResult],
+         params: dict[str, str], workspace: str) -> tuple[str, Path]:
+    # The evaluation's fingerprint already covers every stage before it; the lineage list is only what
+    # gets logged, so the same training registered from the full pipeline or from existing token
+    # shards (train-eval-register) is the same registration.
+    code = code_version(__name__, VERSION)
+    fp = fingerprint(STAGE, cfg, [upstream.fingerprint, stable_hash(params)], code)
+    return fp, stage_dir(workspace, "registry", fp)
+
+
+# ---------------------------------------------------------------------------- the gate
+
+
+def validation_documents(tokens_dir: str | Path, max_bytes: int) -> list[str]:
+    """The candidate's validation text, decoded from its token rows and split at `<|endoftext|>`."""
+    rows, _ = read_rows(tokens_dir, "val")
+    tok = load_tokenizer(tokens_dir)
+    eos = tok.token_to_id("<|endoftext|>")
+    stream = np.concatenate([rows[:1, 0], rows[:, 1:].ravel()]).astype(np.int64)
+    cuts = np.flatnonzero(stream == eos)
+    docs, total = [], 0
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        text = tok.decode(stream[a + 1:b].tolist())
+        if text:
+            docs.append(text)
+            total += len(text.encode("utf-8"))
+        if total >= max_bytes:
+            break
+    if not docs:
+        raise ValueError(f"{tokens_dir}: no complete validation document for the promotion gate")
+    return docs
+
+
+def text_bpb(model_dir: str | Path, docs: list[str]) -> float:
+    """Bits per byte of `docs` under the model in `model_dir` (HF files + tokenizer.json)."""
+    from tokenizers import Tokenizer
+
+    from neo_model import GPTNeo
+
+    model = GPTNeo.from_pretrained(model_dir)
+    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    nll = sum(rolling_nll(model, tok.encode(d).ids, model.config.eos_token_id) for d in docs)
+    return nll / math.log(2) / sum(len(d.encode("utf-8")) for d in docs)
+
+
+def gate(cfg: RegistryConfig, c, candidate: str, model_dir: str, tokens_dir: str) -> dict:
+    """Decide champion or challenger for `candidate`; records the decision on the version."""
+    champion = registry.alias_version(c, cfg.model_name, registry.CHAMPION)
+    if champion == candidate:  # a rerun after this version was already promoted
+        return {"alias": registry.CHAMPION, "reason": "already champion", "champion_before": champion}
+    if champion is None:
+        registry.promote(c, cfg.model_name, candidate, "first model")
+        return {"alias": registry.CHAMPION, "reason": "first model", "champion_before": None}
+    docs = validation_documents(tokens_dir, cfg.gate_max_bytes)
+    ours = text_bpb(model_dir, docs)
+    run_id = c.get_model_version(cfg.model_name, champion).run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        import mlflow
+
+        champ_dir = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="hf_model", dst_path=tmp,
+                                                        tracking_uri=c.tracking_uri)
+        theirs = text_bpb(champ_dir, docs)
+    decision = {"candidate_bpb": ours, "champion_bpb": theirs, "champion_before": champion,
+                "margin": cfg.margin, "gate_docs": len(docs)}
+    for k in ("candidate_bpb", "champion_bpb"):
+        c.set_model_version_tag(cfg.model_name, candidate, f"gate.{k}", f"{decision[k]:.6f}")
+    c.set_model_version_tag(cfg.model_name, candidate, "gate.champion_version", str(champion))
+    if ours < theirs - cfg.margin:
+        reason = f"bpb {ours:.4f} beats champion v{champion} {theirs:.4f} by more than {cfg.margin}"
+        registry.promote(c, cfg.model_name, candidate, reason)
+        return {**decision, "alias": registry.CHAMPION, "reason": reason}
+    reason = f"bpb {ours:.4f} does not beat champion v{champion} {theirs:.4f} by more than {cfg.margin}"
+    registry.mark_challenger(c, cfg.model_name, candidate, reason)
+    return {**decision, "alias": registry.CHALLENGER, "reason": reason}
+
+
+# ---------------------------------------------------------------------------- logging and registering
+
+
+def _existing_version(c, cfg: RegistryConfig, fp: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name = '{cfg.model_name}' and tags.neo_fingerprint = '{fp}'")
+    except MlflowException:
+        return None
+    return found[0] if found else None
+
+
+def _log_lineage(c, run_id: str, results: list[StageResult]) -> None:
+    """One dataset input per stage output (digest = fingerprint prefix, MLflow caps it at 36 chars)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [DatasetInput(Dataset(name=r.stage, digest=r.fingerprint[:36], source_type="local",
+                                   source=Path(r.path).resolve().as_uri()),
+                           tags=[InputTag("mlflow.data.context", r.stage), InputTag("neo.fingerprint", r.fingerprint)])
+              for r in results]
+    c.log_inputs(run_id, datasets=inputs)
+    for r in results:
+        c.log_artifact(run_id, str(Path(r.path) / "manifest.json"), artifact_path=f"lineage/{r.stage}")
+        manifest = read_manifest(Path(r.path)) or {}
+        if "code_version" in manifest:
+            c.set_tag(run_id, f"neo.code_version.{r.stage}", manifest["code_version"])
+
+
+def _log_model(run_id: str, model_dir: str, workspace: str) -> str:
+    import mlflow
+
+    tracking.use_workspace(workspace)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_FILE),
+                                       artifacts={"model": model_dir}, code_paths=[str(NEO_MODEL_DIR)],
+                                       pip_requirements=PIP_REQUIREMENTS)
+        mlflow.log_artifacts(model_dir, artifact_path="hf_model")
+    return info.model_uri
+
+
+def _register_new(c, cfg, fp, upstream, lineage, params, workspace, run_tags) -> str:
+    import mlflow
+    from mlflow.entities import Param
+
+    run_id, model_dir = upstream.info["run_id"], upstream.info["model_dir"]
+    logged = set(c.get_run(run_id).data.params)
+    c.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items() if k not in logged])
+    for k, v in run_tags.items():
+        c.set_tag(run_id, k, v)
+    _log_lineage(c, run_id, [*lineage, upstream])
+    for key in ("samples_path", "report_path"):
+        if upstream.info.get(key):
+            c.log_artifact(run_id, upstream.info[key], artifact_path="eval")
+    model_uri = _log_model(run_id, model_dir, workspace)
+    tracking.use_workspace(workspace)
+    metrics = upstream.info["metrics"]
+    train = next((r for r in lineage if r.stage == "train"), None)
+    tags = {"neo_fingerprint": fp, "neo_run_id": run_id, cfg.metric: str(metrics.get(cfg.metric)),
+            **{f"neo.fp.{r.stage}": r.fingerprint for r in [*lineage, upstream]}}
+    mv = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
+    steps = train.counts.get("steps") if train else "?"
+    c.update_model_version(cfg.model_name, mv.version, description=(
+        f"GPT-Neo trained {steps} steps; validation bits-per-byte {metrics['val_bpb']:.4f} "
+        f"(unigram baseline {metrics['unigram_val_bpb']:.4f}), perplexity {metrics['val_ppl']:.2f}. "
+        f"Training run {run_id}; register fingerprint {fp}."))
+    return str(mv.version)
+
+
+def run_register(cfg: RegistryConfig, upstream: StageResult, lineage: list[StageResult],
+                 params: dict[str, str], workspace: str, run_tags: dict[str, str] | None = None) -> StageResult:
+    fp, out = plan(cfg, upstream, lineage, params, workspace)
+    if (m := read_manifest(out)) is not None:
+        return result_from_manifest(out, m, reused=True, info_keys=INFO_KEYS)
+    started = time.time()
+    prepare_dir(out)
+    metrics = upstream.info["metrics"]
+    if cfg.metric not in metrics:
+        raise ValueError(f"registry.metric {cfg.metric!r} is not an evaluation metric "
+                         f"(known: {', '.join(sorted(metrics))})")
+    tokens = next((r for r in lineage if r.stage == "tokenize"), None)
+    if tokens is None:
+        raise ValueError("register needs the tokenize stage's result in its lineage (for the gate)")
+    c = tracking.client(workspace)
+    existing = _existing_version(c, cfg, fp)
+    version = str(existing.version) if existing is not None else \
+        _register_new(c, cfg, fp, upstream, lineage, params, workspace, run_tags or {})
+    decision = gate(cfg, c, version, upstream.info["model_dir"], tokens.path)
+    record = {"model_name": cfg.model_name, "version": version, "alias": decision["alias"],
+              "run_id": upstream.info["run_id"], "metric": {cfg.metric: metrics[cfg.metric]}, "gate": decision}
+    write_json_atomic(out / "registration.json", record)
+    manifest = write_manifest(out, stage=STAGE, fp=fp, code=code_version(__name__, VERSION), config=cfg,
+                              inputs=[upstream.fingerprint, *(r.fingerprint for r in lineage)],
+                              counts={"registered": int(existing is None)},
+                              files=[file_entry(out / "registration.json", out)], started=started, **record)
+    return result_from_manifest(out, manifest, reused=False, info_keys=INFO_KEYS)
+
+
+def model_version_url(cfg: RegistryConfig, workspace: str, version: str) -> str:
+    uri = tracking.tracking_uri(workspace)
+    base = uri.rstrip("/") if uri.startswith("http") else cfg.ui_url.rstrip("/")
+    return f"{base}/#/models/{cfg.model_name}/versions/{version}"
