@@ -1,7 +1,7 @@
 """Our WikiText-style perplexity vs lm-evaluation-harness on the same HF export and the same text.
 
 Exports a small GPT-Neo (briefly trained on the text so figures are not uniform noise) with
-`tasks.register.export`, scores the documents with `tasks.evaluate.evals.perplexity`, runs `lm_eval --model hf` with a
+`tasks.train.export`, scores the documents with `tasks.evaluate.evals.perplexity`, runs `lm_eval --model hf` with a
 local `loglikelihood_rolling` task over the same JSONL, and prints both sets of figures and their
 relative differences (word_perplexity, byte_perplexity, bits_per_byte).
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from neo_model import GPTNeo, GPTNeoConfig  # noqa: E402
 from tasks.core.train_config import EvalTaskConfig  # noqa: E402
 from tasks.evaluate.evals.perplexity import run_perplexity  # noqa: E402
-from tasks.register.export import write_tokenizer_files  # noqa: E402
+from tasks.train.export import write_tokenizer_files  # noqa: E402
 from tasks.tokenize.bpe import train_tokenizer  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "corpora" / "wikitext2-valid.txt"

@@ -7,9 +7,9 @@ needs one GPU only.
 
 It needs torch and safetensors only (the device machine has no pydantic, Prefect or MLflow): the model
 is `neo_model.GPTNeo`, the optimizer `tasks.train.maths.make_optimizer` (fused AdamW, decay on matrices),
-the FLOPs `GPTNeo.flops_per_token` (REFERENCE section 4, local layers at their window) and the peak the
-trainer's table for the card's name. Part 1 times forward + backward + AdamW step at the 125M shape
-(seq 2048, bf16 autocast, TF32 matmuls) on random tokens. Part 2 runs FSDP2 (`neo_model.parallel`:
+the FLOPs `GPTNeo.flops_per_token` (REFERENCE section 4, local layers at their window) and the peak from
+`tasks.train.maths.PEAK_FLOPS` for the card's name. Part 1 times forward + backward + AdamW step at the
+125M shape (seq 2048, bf16 autocast, TF32 matmuls) on random tokens. Part 2 runs FSDP2 (`neo_model.parallel`:
 fully_shard per block + root, bf16 parameters in compute, fp32 reduction) in a one-process NCCL group
 next to an unsharded copy under bf16 autocast on the same batches and checks that the loss curves
 agree, then that the consolidated checkpoint (gathered on save) loads exactly into a plain model and

@@ -35,10 +35,12 @@ import torch  # noqa: E402
 
 from neo_model import GPTNeo, GPTNeoConfig  # noqa: E402
 from tasks.core.data_config import TokenizerConfig  # noqa: E402
-from tasks.core.train_config import TrainConfig
+from tasks.core.train_config import TrainConfig  # noqa: E402
 from tasks.core.protocol import StageResult  # noqa: E402
 from tasks.tokenize.stage import run_tokenize  # noqa: E402
-from tasks.train.trainer import METRICS, make_optimizer, train_loop  # noqa: E402
+from tasks.train.maths import make_optimizer  # noqa: E402
+from tasks.train.spec import TrainSpec  # noqa: E402
+from tasks.train.trainer import METRICS, train_loop  # noqa: E402
 
 
 def make_tokens(root: Path, seq_len: int, vocab: int, docs: int) -> StageResult:
@@ -93,9 +95,8 @@ def loop_rate(tokens: StageResult, mcfg: GPTNeoConfig, cfg: TrainConfig, out: Pa
         if line.startswith(METRICS):
             lines.append(json.loads(line[len(METRICS):])["metrics"])
 
-    spec = {"train": cfg.model_dump(mode="json"), "model": mcfg.to_hf_dict(), "tokens_dir": tokens.path,
-            "out_dir": str(out), "workspace": str(out), "run_id": None, "fingerprint": None,
-            "init_dir": None}
+    spec = TrainSpec(train=cfg, model=mcfg.to_hf_dict(), tokens_dir=tokens.path, out_dir=str(out),
+                     workspace=str(out))
     train_loop(spec, emit=emit)
     rates = [m["tokens_per_s"] for m in lines[1:]]
     return statistics.median(rates), lines[-1]

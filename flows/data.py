@@ -13,16 +13,17 @@ from __future__ import annotations
 from typing import Any, Callable, Literal
 
 from prefect import flow, task
+from prefect.runtime import flow_run
 
 from tasks.clean.shard import clean_shard
-from tasks.clean.stage import report_lines as clean_report_lines, run_clean
+from tasks.clean.stage import describe as describe_clean, run_clean
 from tasks.clean.task import clean
 from tasks.core import storage
 from tasks.core.config import PipelineConfig, default_workspace
 from tasks.core.prefect_stage import report
 from tasks.core.protocol import StageResult
 from tasks.dedup.shard import signature_shard, write_dedup_shard
-from tasks.dedup.stage import report_lines as dedup_report_lines, run_dedup
+from tasks.dedup.stage import describe as describe_dedup, run_dedup
 from tasks.dedup.task import dedup
 from tasks.download.task import download
 from tasks.tokenize.task import tokenize
@@ -60,7 +61,25 @@ def prefect_mapper(fn: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
     return [f.result() for f in futures]
 
 
-@flow(name="neo_data", log_prints=True)
+def run_task(stage_task: Any, *args: Any) -> StageResult:
+    """Run a stage task; a result served from Prefect's cache (state `Cached`) says `reused`, as a
+    result rebuilt from a complete stage directory does (a cached result is the stored first one)."""
+    state = stage_task(*args, return_state=True)
+    result = state.result()  # raises the task's error when it failed
+    return result.model_copy(update={"reused": True}) if state.name == "Cached" else result
+
+
+def run_name(prefix: str):
+    """A flow-run namer: `<prefix>-<config name>`, so runs say what they ran."""
+    def name() -> str:
+        cfg = flow_run.parameters.get("config")
+        label = cfg.get("name") if isinstance(cfg, dict) else getattr(cfg, "name", None)
+        return f"{prefix}-{label or 'default'}"
+
+    return name
+
+
+@flow(name="neo_data", flow_run_name=run_name("data"), log_prints=True)
 def neo_data(config: PipelineConfig = PipelineConfig(), workspace: str | None = None,
              per_shard_tasks: bool = False,
              through: Literal["dedup", "tokenize"] = "tokenize") -> dict[str, StageResult]:
@@ -68,18 +87,18 @@ def neo_data(config: PipelineConfig = PipelineConfig(), workspace: str | None = 
     an fsspec URL (e.g. s3://bucket/prefix): stages then compute in a local working copy and share
     their outputs through it (`tasks/core/storage.py`)."""
     ws = storage.attach(workspace or str(default_workspace()))
-    raw = download(config.corpus, ws)
+    raw = run_task(download, config.corpus, ws)
     if per_shard_tasks:
         cleaned = run_clean(config.clean, raw, ws, mapper=prefect_mapper)
-        report("clean", cleaned, clean_report_lines(cleaned))
+        report("clean", cleaned, describe_clean(cleaned)[1])
         deduped = run_dedup(config.dedup, cleaned, ws, mapper=prefect_mapper)
-        report("dedup", deduped, dedup_report_lines(deduped))
+        report("dedup", deduped, describe_dedup(deduped)[1])
     else:
-        cleaned = clean(config.clean, raw, ws)
-        deduped = dedup(config.dedup, cleaned, ws)
+        cleaned = run_task(clean, config.clean, raw, ws)
+        deduped = run_task(dedup, config.dedup, cleaned, ws)
     stages = {"download": raw, "clean": cleaned, "dedup": deduped}
     if through == "tokenize":
-        stages["tokenize"] = tokenize(config.tokenizer, deduped, ws)
+        stages["tokenize"] = run_task(tokenize, config.tokenizer, deduped, ws)
     return stages
 
 

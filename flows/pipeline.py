@@ -1,6 +1,8 @@
 """Flow `neo_pipeline`: download -> clean -> dedup -> tokenize -> train -> evaluate -> register.
 
-Wiring only: each stage is a cached, versioned Prefect task in `tasks/`, gets its own config
+Wiring only: the data flow (`flows/data.py`) and the train flow (`flows/train.py`) run as its
+subflows, here or (with `train_deployment`) the train flow as a deployment on its own work pool.
+Each stage is a cached, versioned Prefect task in `tasks/<stage>/task.py`, gets its own config
 section, and passes a small `StageResult` (fingerprint, path, counts) to the next.
 """
 from __future__ import annotations
@@ -8,16 +10,11 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from tasks.clean.task import clean
+from flows.data import neo_data, run_name
+from flows.train import neo_train_eval_register
 from tasks.core import storage
-from tasks.core.config import PipelineConfig, default_workspace, redacted_params
+from tasks.core.config import PipelineConfig, default_workspace
 from tasks.core.protocol import StageResult
-from tasks.dedup.task import dedup
-from tasks.download.task import download
-from tasks.evaluate.task import evaluate
-from tasks.register.task import register
-from tasks.tokenize.task import tokenize
-from tasks.train.task import train
 
 
 class PipelineSummary(BaseModel):
@@ -30,14 +27,6 @@ class PipelineSummary(BaseModel):
     unigram_val_bpb: float
     run_id: str
     stages: dict[str, StageResult]
-
-
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    cfg = flow_run.parameters.get("config")
-    name = cfg.get("name") if isinstance(cfg, dict) else getattr(cfg, "name", None)
-    return f"neo-{name or 'pipeline'}"
 
 
 HOLD_FILE_ENV = "NEO_HOLD_FILE"
@@ -61,17 +50,9 @@ def _hold_while_file_exists() -> None:
             time.sleep(0.2)
 
 
-def _stage(stage_task, *args) -> StageResult:
-    """Run a stage task; a result served from Prefect's cache (state `Cached`) says `reused`, as a
-    result rebuilt from a complete stage directory does (a cached result is the stored first one)."""
-    state = stage_task(*args, return_state=True)
-    result = state.result()  # raises the task's error when it failed
-    return result.model_copy(update={"reused": True}) if state.name == "Cached" else result
-
-
-@flow(name="neo_pipeline", flow_run_name=_run_name, log_prints=True)
+@flow(name="neo_pipeline", flow_run_name=run_name("neo"), log_prints=True)
 def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | None = None,
-                 train_deployment: str | None = None) -> PipelineSummary | StageResult:
+                 train_deployment: str | None = None) -> PipelineSummary:
     """Pre-train and register a GPT-Neo model from a text corpus, end to end.
 
     With `train_deployment` (e.g. "neo_train_eval_register/train-eval-register"), training,
@@ -81,27 +62,21 @@ def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | Non
     """
     _hold_while_file_exists()
     shared = workspace or str(default_workspace())
-    ws = storage.attach(shared)  # a URL workspace: a local working copy, mirrored (tasks/core/storage.py)
-    raw = _stage(download, config.corpus, ws)
-    cleaned = _stage(clean, config.clean, raw, ws)
-    deduped = _stage(dedup, config.dedup, cleaned, ws)
-    tokens = _stage(tokenize, config.tokenizer, deduped, ws)
+    data = neo_data(config, shared)
+    tokens_dir = storage.shared_path(data["tokenize"].path)
     if train_deployment:
         from prefect.deployments import run_deployment
 
         run = run_deployment(train_deployment, parameters={
-            "tokens_dir": storage.shared_path(tokens.path), "config": config.model_dump(mode="json"),
-            "workspace": shared})
+            "tokens_dir": tokens_dir, "config": config.model_dump(mode="json"), "workspace": shared})
         if not run.state or not run.state.is_completed():
             raise RuntimeError(f"deployment {train_deployment} ended {run.state and run.state.name}: "
                                f"flow run {run.id}")
-        return run.state.result()
-    trained = _stage(train, config.train, config.model, tokens, ws)
-    evaluated = _stage(evaluate, config.eval, trained, tokens, ws)
-    registered = _stage(register, config.registry, evaluated, [raw, cleaned, deduped, tokens, trained],
-                        redacted_params(config), ws)
-    m = evaluated.info["metrics"]
-    stages = {r.stage: r for r in (raw, cleaned, deduped, tokens, trained, evaluated, registered)}
+        trained = run.state.result()
+    else:
+        trained = neo_train_eval_register(tokens_dir, config, shared)
+    stages = {**data, **trained}
+    m, registered = stages["evaluate"].info["metrics"], stages["register"]
     return PipelineSummary(workspace=shared, model_name=registered.info["model_name"],
                            version=registered.info["version"], alias=registered.info["alias"],
                            val_ppl=m["val_ppl"], val_bpb=m["val_bpb"], unigram_val_bpb=m["unigram_val_bpb"],

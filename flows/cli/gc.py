@@ -1,6 +1,7 @@
 """Workspace retention: find stage outputs that no registered model version and no recent run needs.
 
-A stage directory `<workspace>/<stage>/<fingerprint>/` is kept when
+A stage directory `<workspace>/<stage>/<fingerprint>/` (a folder named by a fingerprint: unit and
+scratch folders beside them, such as `clean/shards/`, are not stage outputs) is kept when
 - a registered model version's lineage names it (version tags `neo.fp.<stage>`, set by register), or
 - the directory changed within the last `keep_days` days (a recent or running pipeline may use it).
 Everything else is listed (dry run) and, when asked, removed. Checkpoints of kept training runs stay;
@@ -8,13 +9,15 @@ the download cache is removed only with `include_cache`.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGE_DIRS = {"raw": "download", "clean": "clean", "dedup": "dedup", "tokens": "tokenize", "runs": "train",
-              "eval": "evaluate", "registry": "register"}
+STAGES = ("download", "clean", "dedup", "tokenize", "train", "evaluate", "register")
+"""Each stage's output folder is its name (tasks/core/protocol.py `Stage`)."""
+FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass
@@ -49,12 +52,12 @@ def collect(workspace: str | Path, referenced: set[str], keep_days: float = 7.0,
     """Stage directories that may be removed, oldest first."""
     ws, now = Path(workspace), now if now is not None else time.time()
     found = []
-    for dirname, stage in STAGE_DIRS.items():
-        root = ws / dirname
+    for stage in STAGES:
+        root = ws / stage
         if not root.is_dir():
             continue
         for d in root.iterdir():
-            if not d.is_dir() or d.name in referenced:
+            if not d.is_dir() or not FINGERPRINT.fullmatch(d.name) or d.name in referenced:
                 continue
             age = _age_days(d, now)
             if age >= keep_days:

@@ -166,7 +166,7 @@ def export_hf(model: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION, o
               out: Path = typer.Argument(..., help="Destination directory."),
               workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
     """Write a Hugging Face directory (GPTNeoForCausalLM + PreTrainedTokenizerFast files)."""
-    from tasks.register.export import copy_export
+    from tasks.train.export import copy_export
 
     if Path(model).is_dir():
         copy_export(model, out)

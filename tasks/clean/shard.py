@@ -1,7 +1,7 @@
 """The clean stage's unit: one raw shard -> `docs.parquet` + `rejected.parquet` (a worker process).
 
 Runs in spawned workers, so it imports no Prefect; the unit directory protocol (content-addressed
-name, `shard.json` written last) is `tasks/core/units.py`'s.
+name, `manifest.json` written last) is `tasks/core/units.py`'s.
 """
 from __future__ import annotations
 

@@ -20,22 +20,16 @@ from typing import Any
 from tasks.clean.filters import LINE_RULES, reasons_for
 from tasks.clean.shard import clean_shard
 from tasks.core.data_config import CleanConfig
-from tasks.core.protocol import (StageResult, check_accounting, code_version, file_entry, prepare_dir,
-                                 result_from_manifest, write_manifest)
-from tasks.core.units import Mapper, finished, link, stage_plan, unit_mapper, unit_outputs
+from tasks.core.protocol import Computed, Stage, StageResult, check_accounting, file_entry
+from tasks.core.units import Mapper, link, plan_over, run_over, unit_mapper, unit_outputs
 
-STAGE = "clean"
-VERSION = 3
-INFO_KEYS = ("repaired", "ast_reverted", "lines_removed", "profiles", "shards_run", "shards_reused",
-             "timings")
-
-
-def _plan(cfg: CleanConfig, upstream: StageResult, workspace: str) -> tuple[str, Path, str]:
-    return stage_plan(STAGE, __name__, VERSION, cfg, upstream, workspace)
+STAGE = Stage("clean", version=3, module=__name__, section="clean", inputs=("download",),
+              info_keys=("repaired", "ast_reverted", "lines_removed", "profiles", "shards_run",
+                         "shards_reused", "timings"))
 
 
 def plan(cfg: CleanConfig, upstream: StageResult, workspace: str) -> tuple[str, Path]:
-    return _plan(cfg, upstream, workspace)[:2]
+    return plan_over(STAGE, cfg, upstream, workspace)
 
 
 def active_reasons(cfg: CleanConfig) -> tuple[str, ...]:
@@ -44,18 +38,23 @@ def active_reasons(cfg: CleanConfig) -> tuple[str, ...]:
 
 def shard_jobs(cfg: CleanConfig, upstream: StageResult, workspace: str) -> list[tuple]:
     """One `clean_shard` job per raw shard, each with its own content-addressed output directory."""
-    code, reasons = code_version(__name__, VERSION), active_reasons(cfg)
-    return [(cfg, path, out, reasons)
-            for path, out in unit_outputs(cfg, upstream, code, "shard-", Path(workspace) / STAGE / "shards")]
+    units = Path(workspace) / STAGE.name / "shards"
+    return [(cfg, path, out, active_reasons(cfg))
+            for path, out in unit_outputs(cfg, upstream, STAGE.code(), "shard-", units)]
 
 
-def assemble(cfg: CleanConfig, upstream: StageResult, workspace: str, jobs: list[tuple],
-             summaries: list[dict], started: float) -> StageResult:
-    """Link unit outputs into the stage directory, check the accounting, write the manifest."""
-    fp, directory, code = _plan(cfg, upstream, workspace)
-    if (done := finished(directory, INFO_KEYS)) is not None:
-        return done
-    prepare_dir(directory)
+def run_clean(cfg: CleanConfig, upstream: StageResult, workspace: str,
+              mapper: Mapper | None = None) -> StageResult:
+    """Clean every raw shard of `upstream` into Parquet documents plus a rejection ledger."""
+    return run_over(STAGE, _clean, cfg, upstream, workspace, mapper)
+
+
+def _clean(cfg: CleanConfig, upstream: StageResult, workspace: str, directory: Path,
+           mapper: Mapper | None) -> Computed:
+    """Run (or reuse) the shard units, then link their outputs into the stage directory."""
+    started = time.time()
+    jobs = shard_jobs(cfg, upstream, workspace)
+    summaries = unit_mapper(mapper, cfg.workers)(clean_shard, jobs)
     reasons = active_reasons(cfg)
     counts = {"docs_in": 0, "kept": 0, **{f"rejected:{r}": 0 for r in reasons}}
     info: dict[str, Any] = {"repaired": 0, "ast_reverted": 0, "profiles": {},
@@ -87,33 +86,24 @@ def assemble(cfg: CleanConfig, upstream: StageResult, workspace: str, jobs: list
                        "repair_and_filters_s": round(cleaning, 3),
                        "read_and_write_s": round(unit_seconds - cleaning, 3),
                        "wall_s": round(time.time() - started, 3)}
-    manifest = write_manifest(directory, stage=STAGE, fp=fp, code=code, config=cfg,
-                              inputs=[upstream.fingerprint], counts=counts, files=entries,
-                              started=started, **info)
-    return result_from_manifest(directory, manifest, reused=False, info_keys=INFO_KEYS)
+    return Computed(counts, entries, info)
 
 
-def run_clean(cfg: CleanConfig, upstream: StageResult, workspace: str,
-              mapper: Mapper | None = None) -> StageResult:
-    """Clean every raw shard of `upstream` into Parquet documents plus a rejection ledger."""
-    started = time.time()
-    if (done := finished(_plan(cfg, upstream, workspace)[1], INFO_KEYS)) is not None:
-        return done
-    jobs = shard_jobs(cfg, upstream, workspace)
-    summaries = unit_mapper(mapper, cfg.workers)(clean_shard, jobs)
-    return assemble(cfg, upstream, workspace, jobs, summaries, started)
-
-
-def report_lines(result: StageResult) -> list[str]:
+def describe(result: StageResult) -> tuple[str, list[str]]:
+    """The log line and report lines of a clean result."""
     c, info = result.counts, result.info
     kept_rate = c["kept"] / c["docs_in"] if c["docs_in"] else 0.0
-    rows = [f"| {k.split(':', 1)[1]} | {v:,} |" for k, v in c.items() if k.startswith("rejected:") and v]
-    return [f"- kept: {kept_rate:.1%} of documents",
-            f"- repaired by ftfy or normalization: {info.get('repaired', 0)}; Python files left as "
-            f"they were to keep their AST: {info.get('ast_reverted', 0)}",
-            f"- lines removed by the C4 line rules (prose): {info.get('lines_removed', {})}",
-            f"- documents per profile: {info.get('profiles', {})}",
-            f"- shards cleaned: {info.get('shards_run', 0)}, reused: {info.get('shards_reused', 0)}",
-            f"- time per sub-step: {info.get('timings', {})}",
-            f"- rejection ledger: `{Path(result.path) / 'rejected'}`",
-            "", "| rejected because | documents |", "|---|---|", *(rows or ["| (none) | 0 |"])]
+    rejected = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("rejected:") and v}
+    line = (f"clean: {c['docs_in']} docs in, {c['kept']} kept, rejected {rejected}, "
+            f"{info.get('repaired', 0)} repaired -> {result.path}")
+    rows = [f"| {k} | {v:,} |" for k, v in rejected.items()]
+    return line, [
+        f"- kept: {kept_rate:.1%} of documents",
+        f"- repaired by ftfy or normalization: {info.get('repaired', 0)}; Python files left as "
+        f"they were to keep their AST: {info.get('ast_reverted', 0)}",
+        f"- lines removed by the C4 line rules (prose): {info.get('lines_removed', {})}",
+        f"- documents per profile: {info.get('profiles', {})}",
+        f"- shards cleaned: {info.get('shards_run', 0)}, reused: {info.get('shards_reused', 0)}",
+        f"- time per sub-step: {info.get('timings', {})}",
+        f"- rejection ledger: `{Path(result.path) / 'rejected'}`",
+        "", "| rejected because | documents |", "|---|---|", *(rows or ["| (none) | 0 |"])]

@@ -1,24 +1,27 @@
-"""The thin Prefect layer every stage task shares: cache keys, run names, retries, report artifacts.
+"""The thin Prefect layer every stage task shares: cache keys, run names, retries, logs and reports.
 
-A stage module defines `plan(**task_parameters) -> (fingerprint, directory)` and decorates its task
-with `stage_task(...)`. The cache key is the stage fingerprint (config + inputs + code version), so an
+A stage's `task.py` decorates its task with `stage_task(STAGE, plan, describe=...)`, where `plan(**task
+parameters) -> (fingerprint, directory)` and `describe(result) -> (log line, report lines)` come from
+its Prefect-free `stage.py`; the task logs the line and writes the report as a markdown artifact. The cache key is the stage fingerprint (config + inputs + code version), so an
 unchanged rerun is served from Prefect's cache across flow runs, while any change to config, input or
 code gives a new key. A cache hit is only honoured while the stage directory is still complete.
 """
 from __future__ import annotations
 
+import functools
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
-from tasks.core.protocol import StageResult, read_manifest, stable_hash
+from tasks.core.protocol import Stage, StageResult, read_manifest, stable_hash
 
 Plan = Callable[..., tuple[str, Path]]
+Describe = Callable[[StageResult], tuple[str, list[str]]]
 
 RETRY_BACKOFF_S = 2.0
 """First retry waits ~2 s, then ~4 s, ~8 s (each +/- 50% jitter)."""
@@ -58,8 +61,10 @@ def _run_name(stage: str, plan: Plan) -> Callable[[], str]:
     return name
 
 
-def stage_task(stage: str, plan: Plan, *, retries: int = 0, **options: Any):
-    """Decorate a stage function as a cached, named, optionally retried Prefect task."""
+def stage_task(stage: Stage, plan: Plan, *, describe: Describe | None = None, retries: int = 0,
+               **options: Any):
+    """Decorate a stage function as a cached, named, optionally retried Prefect task that logs and
+    reports its result (`describe`)."""
     retry_opts: dict[str, Any] = {}
     if retries:
         retry_opts = {"retries": retries,
@@ -67,8 +72,17 @@ def stage_task(stage: str, plan: Plan, *, retries: int = 0, **options: Any):
                       "retry_jitter_factor": 0.5}
 
     def decorate(fn):
-        return task(name=stage, cache_key_fn=_cache_key(stage, plan), persist_result=True,
-                    task_run_name=_run_name(stage, plan), **retry_opts, **options)(fn)
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> StageResult:
+            result = fn(*args, **kwargs)
+            if describe is not None:
+                line, lines = describe(result)
+                get_run_logger().info(line)
+                report(stage.name, result, lines)
+            return result
+
+        return task(name=stage.name, cache_key_fn=_cache_key(stage.name, plan), persist_result=True,
+                    task_run_name=_run_name(stage.name, plan), **retry_opts, **options)(run)
 
     return decorate
 

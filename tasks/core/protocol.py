@@ -1,10 +1,14 @@
-"""What every stage shares: fingerprints, code versions, stage directories and manifests.
+"""The stage protocol: a `Stage` descriptor, `run_stage`, fingerprints, code versions and manifests.
 
-A stage writes into `<workspace>/<stage>/<fingerprint>/`. The fingerprint hashes the stage's config
-section, its inputs' fingerprints and its code version. Files are written under a temporary name
-and renamed; `manifest.json` is written last and is the completion marker: a directory whose manifest
-exists and whose files have the recorded sizes is complete and never rewritten; anything else there
-is a partial run and is rebuilt. A workspace on shared storage (an fsspec URL) is mirrored by
+A stage writes into `<workspace>/<stage name>/<fingerprint>/`. The fingerprint hashes the stage's
+config section, its inputs' fingerprints and its code version. `run_stage` is the one way a stage
+runs: plan (fingerprint, directory) -> reuse a complete directory -> compute -> write the manifest
+last -> a `StageResult`. Files are written under a temporary name and renamed; `manifest.json` is
+written last and is the completion marker: a directory whose manifest exists and whose files have
+the recorded sizes is complete and never rewritten; anything else there is a partial run and is
+rebuilt (or, for a stage that resumes, kept unit by unit). Per-shard unit directories
+(`tasks/core/units.py`) and a stage's resumable units use the same marker: a JSON file listing the
+files it vouches for with their sizes, written last (`write_marker`, `read_marker`). A workspace on shared storage (an fsspec URL) is mirrored by
 `tasks/core/storage.py` through `read_manifest` and `write_manifest`. Nothing here imports Prefect
 (see `tasks/core/prefect_stage.py`).
 """
@@ -17,8 +21,9 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -39,6 +44,9 @@ class StageResult(BaseModel):
     info: dict[str, Any] = Field(default_factory=dict)
     reused: bool = False
     """True when a complete stage directory was found and nothing was recomputed."""
+    lineage: dict[str, str] = Field(default_factory=dict)
+    """Every upstream stage's fingerprint, transitively (stage name -> fingerprint): the whole chain
+    this output was built from, as its manifest records it."""
 
 
 # ---------------------------------------------------------------------------- hashing
@@ -201,18 +209,29 @@ def read_manifest(directory: Path) -> dict | None:
 
 
 def _local_manifest(directory: Path) -> dict | None:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
+    return read_marker(Path(directory) / MANIFEST, Path(directory))
+
+
+def write_marker(path: Path, files: list[dict[str, Any]], **fields: Any) -> dict:
+    """A completion marker: `fields` plus `files` (path relative to the marked directory, bytes),
+    written last and atomically, after every file it lists."""
+    marker = {**fields, "files": files}
+    write_json_atomic(Path(path), marker)
+    return marker
+
+
+def read_marker(path: Path, base: Path) -> dict | None:
+    """The marker at `path` if every file it lists is under `base` at its recorded size, else None
+    (missing, unreadable, or a file changed since: the work it vouched for is not trusted)."""
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        marker = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
         return None
-    for f in manifest.get("files", []):
-        p = Path(directory) / f["path"]
+    for f in marker.get("files", []):
+        p = Path(base) / f["path"]
         if not p.is_file() or p.stat().st_size != f["bytes"]:
             return None
-    return manifest
+    return marker
 
 
 def verify_manifest(directory: Path) -> list[str]:
@@ -236,11 +255,10 @@ def write_manifest(directory: Path, *, stage: str, fp: str, code: str, config: A
                    started: float, **extra: Any) -> dict:
     """Write `manifest.json` last: from now on the directory is complete (and, in a workspace on
     shared storage, uploaded: data files first, the manifest last)."""
-    manifest = {"stage": stage, "fingerprint": fp, "code_version": code,
-                "config": config.model_dump(mode="json") if isinstance(config, BaseModel) else config,
-                "inputs": inputs, "counts": counts, "files": files,
-                "seconds": round(time.time() - started, 3), **extra}
-    write_json_atomic(Path(directory) / MANIFEST, manifest)
+    manifest = write_marker(
+        Path(directory) / MANIFEST, files, stage=stage, fingerprint=fp, code_version=code,
+        config=config.model_dump(mode="json") if isinstance(config, BaseModel) else config,
+        inputs=inputs, counts=counts, seconds=round(time.time() - started, 3), **extra)
     storage.publish(directory)
     return manifest
 
@@ -251,7 +269,17 @@ def result_from_manifest(directory: Path, manifest: dict, reused: bool,
         storage.publish(directory)
     return StageResult(stage=manifest["stage"], fingerprint=manifest["fingerprint"],
                        path=str(directory), counts=manifest["counts"],
-                       info={k: manifest[k] for k in info_keys if k in manifest}, reused=reused)
+                       info={k: manifest[k] for k in info_keys if k in manifest}, reused=reused,
+                       lineage=manifest.get("lineage", {}))
+
+
+def lineage_of(upstream: Sequence[StageResult]) -> dict[str, str]:
+    """The chain behind outputs built from `upstream`: each one and everything it was built from."""
+    chain: dict[str, str] = {}
+    for u in upstream:
+        chain.update(u.lineage)
+        chain[u.stage] = u.fingerprint
+    return chain
 
 
 def check_accounting(counts: dict[str, int], docs_in: int, out_keys: list[str], where: str) -> None:
@@ -260,3 +288,66 @@ def check_accounting(counts: dict[str, int], docs_in: int, out_keys: list[str], 
     if total != docs_in:
         raise RuntimeError(f"{where}: accounting broken: {docs_in} documents in, "
                            f"{total} accounted for ({ {k: counts.get(k, 0) for k in out_keys} })")
+
+
+# ---------------------------------------------------------------------------- the stage protocol
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What identifies a stage. Its name is also its output folder (`<workspace>/<name>/<fp>/`) and
+    its Prefect task's name; `module` and `version` make its code version; `section` is the
+    PipelineConfig section it reads; `inputs` are the stages whose outputs it reads."""
+
+    name: str
+    version: int
+    module: str
+    section: str
+    inputs: tuple[str, ...] = ()
+    info_keys: tuple[str, ...] = ()
+    """Manifest fields copied into the StageResult's `info`."""
+
+    def code(self) -> str:
+        return code_version(self.module, self.version)
+
+    def plan(self, key: Any, inputs: list[str], workspace: str | Path) -> tuple[str, Path]:
+        """(fingerprint, directory) of the output for config `key` over input fingerprints `inputs`."""
+        fp = fingerprint(self.name, key, inputs, self.code())
+        return fp, stage_dir(workspace, self.name, fp)
+
+    def done(self, directory: Path) -> StageResult | None:
+        """The result recorded in a complete output directory; None when it is not complete."""
+        manifest = read_manifest(directory)
+        return None if manifest is None else result_from_manifest(directory, manifest, True, self.info_keys)
+
+
+@dataclass
+class Computed:
+    """What a stage's compute step returns: its counts, the files it wrote (`file_entry`s), and
+    extra manifest fields (those named in `Stage.info_keys` reach the StageResult)."""
+
+    counts: dict[str, int]
+    files: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def run_stage(stage: Stage, planned: tuple[str, Path], compute: Callable[[Path], Computed], *,
+              config: Any, inputs: list[str], upstream: Sequence[StageResult] = (),
+              resume: bool = False) -> StageResult:
+    """Plan -> reuse -> compute -> manifest last. A complete directory is returned as it is
+    (`reused`); otherwise the directory starts afresh (or, with `resume`, keeps what is there for
+    a compute step that checks its own units) and `compute(directory)` fills it. The manifest
+    records `inputs` (what the fingerprint hashed) and the lineage of the `upstream` results."""
+    fp, directory = planned
+    if (done := stage.done(directory)) is not None:
+        return done
+    started = time.time()
+    if resume:
+        directory.mkdir(parents=True, exist_ok=True)
+    else:
+        prepare_dir(directory)
+    out = compute(directory)
+    manifest = write_manifest(directory, stage=stage.name, fp=fp, code=stage.code(), config=config,
+                              inputs=inputs, counts=out.counts, files=out.files, started=started,
+                              lineage=lineage_of(upstream), **out.info)
+    return result_from_manifest(directory, manifest, reused=False, info_keys=stage.info_keys)

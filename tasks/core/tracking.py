@@ -7,9 +7,10 @@ SQLite store staying in the local working copy). Setting `MLFLOW_TRACKING_URI` (
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from tasks.core import storage
 
@@ -37,13 +38,32 @@ def client(workspace: str | Path) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI", uri))
 
 
-def use_workspace(workspace: str | Path) -> None:
-    """Point MLflow's fluent API (needed by log_model / register_model) at the workspace store."""
+@contextlib.contextmanager
+def fluent(workspace: str | Path) -> Iterator[None]:
+    """MLflow's fluent API (log_model, register_model, pyfunc.load_model) pointed at the workspace's
+    store for the block. MLflow's setters also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to
+    the environment, which would pin every later workspace of this process (a worker, a test session)
+    to this one: both variables and MLflow's own settings are put back afterwards."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    before = tracking_utils._tracking_uri, registry_utils._registry_uri
     uri = tracking_uri(workspace)
+    registry = os.environ.get("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    mlflow.set_registry_uri(registry)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        registry_utils._registry_uri = before[1]
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def experiment_id(c: MlflowClient, name: str, workspace: str | Path) -> str:

@@ -2,7 +2,7 @@
 
 Each unit reads one input shard and writes one directory of outputs under a name derived from its
 input shard's content hash, config and code version, so a grown corpus only runs units for shards
-it has not seen. Files are written under temporary names and renamed; `shard.json` is written last
+it has not seen. Files are written under temporary names and renamed; `manifest.json` is written last
 and records the file sizes: a unit directory without it, or with a file of another size, is a
 partial run and is redone, never trusted. Scratch directories of a stage's global step are locked
 by their run and removed by the next run when a killed one left them (`scratch_dir`). Nothing here
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import multiprocessing
 import os
 import shutil
@@ -26,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.core.protocol import (StageResult, atomic_path, code_version, fingerprint, read_manifest,
-                                 result_from_manifest, stable_hash, stage_dir, write_json_atomic)
+from tasks.core.protocol import (MANIFEST, Computed, Stage, StageResult, atomic_path, read_manifest, read_marker,
+                                 run_stage, stable_hash, write_marker)
 
 DOC_COLUMNS = ("id", "text", "source")
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string())])
@@ -35,7 +34,6 @@ FLUSH_ROWS = 2048
 FLUSH_CHARS = 32_000_000
 """A Parquet row group is written when either bound is reached: bounded memory for any corpus."""
 READ_BATCH_ROWS = 256
-DONE = "shard.json"
 SCRATCH_LOCK = ".lock"
 """In a scratch directory: flocked by its run while it lives (`remove_stale_scratch`)."""
 IMPORTED = time.time()
@@ -91,17 +89,9 @@ def iter_parquet_rows(path: Path, columns: Sequence[str] = DOC_COLUMNS) -> Itera
 
 
 def read_done(directory: Path) -> dict | None:
-    """The summary of a complete unit directory, or None (missing, partial or damaged)."""
-    path = Path(directory) / DONE
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    for name, size in summary.get("bytes", {}).items():
-        p = Path(directory) / name
-        if not p.is_file() or p.stat().st_size != size:
-            return None
-    return summary
+    """The summary of a complete unit directory, or None (missing, partial or damaged): its
+    `manifest.json` marker, the same kind a stage directory has (`tasks/core/protocol.py`)."""
+    return read_marker(Path(directory) / MANIFEST, Path(directory))
 
 
 def start_unit(directory: Path) -> None:
@@ -111,18 +101,18 @@ def start_unit(directory: Path) -> None:
 
 
 def finish_unit(directory: Path, summary: dict, names: Sequence[str]) -> dict:
-    summary["bytes"] = {n: (directory / n).stat().st_size for n in names}
-    write_json_atomic(directory / DONE, summary)
-    return summary
+    """Write the unit's marker last: its summary plus the files it vouches for, with their sizes."""
+    files = [{"path": n, "bytes": (directory / n).stat().st_size} for n in names]
+    return write_marker(directory / MANIFEST, files, **summary)
 
 
-def _context() -> multiprocessing.context.BaseContext:
-    """forkserver: workers fork from a clean server process that imported this module once, so
-    they start in milliseconds without inheriting the caller's threads (Prefect's event loop)."""
+def _context(module: str) -> multiprocessing.context.BaseContext:
+    """forkserver: workers fork from a clean server process that imported the unit's module once,
+    so they start in milliseconds without inheriting the caller's threads (Prefect's event loop)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload([__name__, module])  # only the first call's list counts (one server)
     return ctx
 
 
@@ -131,7 +121,7 @@ def pool_map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int | None)
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers <= 1:
         return [fn(*job) for job in jobs]
-    with ProcessPoolExecutor(workers, mp_context=_context()) as pool:
+    with ProcessPoolExecutor(workers, mp_context=_context(fn.__module__)) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
         return [f.result() for f in futures]
 
@@ -249,14 +239,6 @@ def config_key(cfg: Any) -> dict:
     return cfg.model_dump(mode="json", exclude={"workers"})
 
 
-def stage_plan(stage: str, module: str, version: int, cfg: Any, upstream: StageResult,
-               workspace: str) -> tuple[str, Path, str]:
-    """(fingerprint, stage directory, code version) of a per-shard stage over `upstream`."""
-    code = code_version(module, version)
-    fp = fingerprint(stage, config_key(cfg), [upstream.fingerprint], code)
-    return fp, stage_dir(workspace, stage, fp), code
-
-
 def unit_outputs(cfg: Any, upstream: StageResult, code: str, prefix: str,
                  units: Path) -> list[tuple[str, str]]:
     """(input file, unit output directory) for every upstream file starting with `prefix`; a unit
@@ -266,13 +248,23 @@ def unit_outputs(cfg: Any, upstream: StageResult, code: str, prefix: str,
             for path, sha in upstream_entries(upstream, prefix)]
 
 
-def finished(directory: Path, info_keys: Sequence[str]) -> StageResult | None:
-    """The result recorded in a complete stage directory, or None when it is not complete."""
-    manifest = read_manifest(directory)
-    return None if manifest is None else result_from_manifest(directory, manifest, reused=True,
-                                                               info_keys=info_keys)
-
-
 def unit_mapper(mapper: Mapper | None, workers: int | None) -> Mapper:
     """`mapper`, or by default a local process pool of `workers`."""
     return mapper or (lambda fn, jobs: pool_map(fn, jobs, workers))
+
+
+def plan_over(stage: Stage, cfg: Any, upstream: StageResult, workspace: str) -> tuple[str, Path]:
+    """(fingerprint, directory) of a stage made of units over one upstream output."""
+    return stage.plan(config_key(cfg), [upstream.fingerprint], workspace)
+
+
+UnitCompute = Callable[[Any, StageResult, str, Path, "Mapper | None"], Computed]
+
+
+def run_over(stage: Stage, compute: UnitCompute, cfg: Any, upstream: StageResult, workspace: str,
+             mapper: Mapper | None) -> StageResult:
+    """`run_stage` for a stage made of units over one upstream output: `compute(cfg, upstream,
+    workspace, directory, mapper)` runs (or reuses) the units and links their outputs."""
+    return run_stage(stage, plan_over(stage, cfg, upstream, workspace), config=cfg,
+                     inputs=[upstream.fingerprint], upstream=[upstream],
+                     compute=lambda out: compute(cfg, upstream, workspace, out, mapper))

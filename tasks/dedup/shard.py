@@ -2,7 +2,7 @@
 duplicates plus its ledger.
 
 Runs in spawned workers, so it imports no Prefect; the unit directory protocol (content-addressed
-name, `shard.json` written last) is `tasks/core/units.py`'s.
+name, `manifest.json` written last) is `tasks/core/units.py`'s.
 """
 from __future__ import annotations
 

@@ -34,17 +34,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tasks.core.data_config import DedupConfig
-from tasks.core.protocol import (StageResult, check_accounting, code_version, file_entry, prepare_dir,
-                                 result_from_manifest, stable_hash, write_manifest)
-from tasks.core.units import (Mapper, finished, link, scratch_dir, stage_plan, unit_mapper, unit_outputs,
+from tasks.core.protocol import Computed, Stage, StageResult, check_accounting, file_entry, stable_hash
+from tasks.core.units import (Mapper, link, plan_over, run_over, scratch_dir, unit_mapper, unit_outputs,
                               upstream_entries)
 from tasks.dedup.minhash import estimated_jaccard, exact_key, fmix64
 from tasks.dedup.shard import signature_shard, write_dedup_shard
 
-STAGE = "dedup"
-VERSION = 2
-INFO_KEYS = ("clusters", "exact", "near", "candidates", "verified", "cluster_sizes", "partitions", "shards_run",
-             "shards_reused", "timings")
+STAGE = Stage("dedup", version=2, module=__name__, section="dedup", inputs=("clean",),
+              info_keys=("clusters", "exact", "near", "candidates", "verified", "cluster_sizes",
+                         "partitions", "shards_run", "shards_reused", "timings"))
 VERIFY_CHUNK = 1 << 15
 """Candidate pairs whose signatures are compared at a time."""
 PARTITION_RECORDS = 1 << 20
@@ -63,20 +61,14 @@ def text_key(text: str, cfg: DedupConfig) -> bytes:
     return exact_key(text, cfg.normalize_whitespace, cfg.lowercase)
 
 
-def _plan(cfg: DedupConfig, upstream: StageResult, workspace: str) -> tuple[str, Path, str]:
-    return stage_plan(STAGE, __name__, VERSION, cfg, upstream, workspace)
-
-
 def plan(cfg: DedupConfig, upstream: StageResult, workspace: str) -> tuple[str, Path]:
-    return _plan(cfg, upstream, workspace)[:2]
+    return plan_over(STAGE, cfg, upstream, workspace)
 
 
-def signature_jobs(cfg: DedupConfig, upstream: StageResult, workspace: str,
-                   code: str | None = None) -> list[tuple]:
+def signature_jobs(cfg: DedupConfig, upstream: StageResult, workspace: str, code: str) -> list[tuple]:
     """One `signature_shard` job per clean shard, addressed by that shard's sha256."""
-    code = code or code_version(__name__, VERSION)
     return [(cfg, path, out) for path, out in
-            unit_outputs(cfg, upstream, code, "docs-", Path(workspace) / STAGE / "signatures")]
+            unit_outputs(cfg, upstream, code, "docs-", Path(workspace) / STAGE.name / "signatures")]
 
 
 # ---------------------------------------------------------------------------- the global step
@@ -203,7 +195,7 @@ def decide(cfg: DedupConfig, sig_dirs: list[Path], sizes: list[int],
     bounded by `PARTITION_RECORDS` (plus a few words per duplicate): keys are spilled to hash
     partitions in a scratch directory under `scratch` (`scratch_dir`) and each partition is sorted
     on its own."""
-    with scratch_dir(scratch, STAGE) as tmp:
+    with scratch_dir(scratch, STAGE.name) as tmp:
         return _decide(cfg, sig_dirs, sizes, tmp)
 
 
@@ -282,9 +274,8 @@ def _decide(cfg: DedupConfig, sig_dirs: list[Path], sizes: list[int], tmp: Path)
 
 
 def write_jobs(upstream_docs: list[tuple[str, str]], workspace: str, d: dict[str, Any],
-               code: str | None = None) -> list[tuple]:
+               code: str) -> list[tuple]:
     """One `write_dedup_shard` job per clean shard, addressed by its input and its decisions."""
-    code = code or code_version(__name__, VERSION)
     offsets, dups = d["offsets"], d["dups"]
     referenced = np.unique(np.concatenate([dups["g"], dups["kept_of"], dups["label"]]))
     ids: dict[int, str] = {}
@@ -307,71 +298,61 @@ def write_jobs(upstream_docs: list[tuple[str, str]], workspace: str, d: dict[str
                                                       mine["label"].tolist(), mine["exact"].tolist(),
                                                       mine["sim"].tolist())]
         unit = stable_hash({"code": code, "input": sha, "rows": rows, "ledger": ledger})
-        jobs.append((path, str(Path(workspace) / STAGE / "shards" / unit), rows, ledger))
+        jobs.append((path, str(Path(workspace) / STAGE.name / "shards" / unit), rows, ledger))
     return jobs
 
 
 def run_dedup(cfg: DedupConfig, upstream: StageResult, workspace: str,
               mapper: Mapper | None = None) -> StageResult:
     """Keep the earliest of every group of equal or similar documents; ledger the others."""
-    started = t0 = time.time()
-    planned = _plan(cfg, upstream, workspace)  # hashes the code's sources: once per run
-    if (done := finished(planned[1], INFO_KEYS)) is not None:
-        return done
+    return run_over(STAGE, _dedup, cfg, upstream, workspace, mapper)
+
+
+def _dedup(cfg: DedupConfig, upstream: StageResult, workspace: str, directory: Path,
+           mapper: Mapper | None) -> Computed:
+    """Sign every shard (units), decide globally, write every shard minus its duplicates (units),
+    then link the unit outputs into the stage directory."""
+    t0, code = time.time(), STAGE.code()
     mapper = unit_mapper(mapper, cfg.workers)
-    sig_jobs = signature_jobs(cfg, upstream, workspace, planned[2])
+    sig_jobs = signature_jobs(cfg, upstream, workspace, code)
     sig_summaries = mapper(signature_shard, sig_jobs)
     t1 = time.time()
     decisions = decide(cfg, [Path(j[2]) for j in sig_jobs], [s["rows"] for s in sig_summaries],
-                       scratch=Path(workspace) / STAGE / "scratch")
+                       scratch=Path(workspace) / STAGE.name / "scratch")
     t2 = time.time()
     docs = [(str(path), sha) for path, sha in upstream_entries(upstream, "docs-")]
-    jobs = write_jobs(docs, workspace, decisions, planned[2])
+    jobs = write_jobs(docs, workspace, decisions, code)
     summaries = mapper(write_dedup_shard, jobs)
     t3 = time.time()
-    return assemble(cfg, upstream, workspace, jobs, sig_summaries, summaries, decisions, started,
-                    {"signatures_s": round(t1 - t0, 3), "decide_s": round(t2 - t1, 3),
-                     "write_s": round(t3 - t2, 3)}, planned)
-
-
-def assemble(cfg: DedupConfig, upstream: StageResult, workspace: str, jobs: list[tuple],
-             sig_summaries: list[dict], summaries: list[dict], decisions: dict[str, Any],
-             started: float, timings: dict[str, float],
-             planned: tuple[str, Path, str] | None = None) -> StageResult:
-    """Link unit outputs into the stage directory, check the accounting, write the manifest."""
-    fp, directory, code = planned or _plan(cfg, upstream, workspace)
-    if (done := finished(directory, INFO_KEYS)) is not None:
-        return done
-    prepare_dir(directory)
     counts = {"docs_in": int(decisions["offsets"][-1]), "kept": 0, "duplicates": 0}
     entries = []
     for i, (job, summary) in enumerate(zip(jobs, summaries)):
         counts["kept"] += summary["kept"]
         counts["duplicates"] += summary["duplicates"]
-        docs, dups = directory / f"docs-{i:05d}.parquet", directory / "duplicates" / f"duplicates-{i:05d}.parquet"
-        link(Path(job[1]) / "docs.parquet", docs)
+        docs_out, dups = directory / f"docs-{i:05d}.parquet", directory / "duplicates" / f"duplicates-{i:05d}.parquet"
+        link(Path(job[1]) / "docs.parquet", docs_out)
         link(Path(job[1]) / "duplicates.parquet", dups)
-        entries += [file_entry(docs, directory, rows=summary["kept"]),
+        entries += [file_entry(docs_out, directory, rows=summary["kept"]),
                     file_entry(dups, directory, rows=summary["duplicates"])]
     check_accounting(counts, counts["docs_in"], ["kept", "duplicates"], f"dedup {directory}")
     reused = sum(s["reused"] for s in sig_summaries) + sum(s["reused"] for s in summaries)
-    info = {"clusters": decisions["clusters"], "exact": decisions["exact_count"],
-            "near": decisions["near_count"], "candidates": decisions["candidates"],
-            "verified": decisions["verified"], "cluster_sizes": decisions["cluster_sizes"],
-            "partitions": decisions["partitions"],
-            "shards_run": 2 * len(jobs) - reused, "shards_reused": reused,
-            "timings": {**timings, **decisions["timings"]}}
-    manifest = write_manifest(directory, stage=STAGE, fp=fp, code=code, config=cfg,
-                              inputs=[upstream.fingerprint], counts=counts, files=entries,
-                              started=started, **info)
-    return result_from_manifest(directory, manifest, reused=False, info_keys=INFO_KEYS)
+    timings = {"signatures_s": round(t1 - t0, 3), "decide_s": round(t2 - t1, 3), "write_s": round(t3 - t2, 3)}
+    return Computed(counts, entries, info={
+        "clusters": decisions["clusters"], "exact": decisions["exact_count"],
+        "near": decisions["near_count"], "candidates": decisions["candidates"],
+        "verified": decisions["verified"], "cluster_sizes": decisions["cluster_sizes"],
+        "partitions": decisions["partitions"], "shards_run": 2 * len(jobs) - reused,
+        "shards_reused": reused, "timings": {**timings, **decisions["timings"]}})
 
 
-def report_lines(result: StageResult) -> list[str]:
+def describe(result: StageResult) -> tuple[str, list[str]]:
+    """The log line and report lines of a dedup result."""
     c, info = result.counts, result.info
     rate = c["duplicates"] / c["docs_in"] if c["docs_in"] else 0.0
     hist = info.get("cluster_sizes", {})
-    return [f"- duplicate rate: {rate:.1%} ({info.get('exact', 0)} exact, {info.get('near', 0)} near)",
+    line = (f"dedup: {c['docs_in']} docs in, {c['kept']} kept, {c['duplicates']} duplicates in "
+            f"{info.get('clusters', 0)} clusters -> {result.path}")
+    return line, [f"- duplicate rate: {rate:.1%} ({info.get('exact', 0)} exact, {info.get('near', 0)} near)",
             f"- clusters with duplicates: {info.get('clusters', 0)}",
             f"- LSH candidate pairs: {info.get('candidates', 0)}, accepted after verification: "
             f"{info.get('verified', 0)}",

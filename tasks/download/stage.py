@@ -5,7 +5,7 @@
 source list gives, in parallel, resumable, and reused by any later run. `tasks.download.readers` reads each
 file once, in order; this module writes the documents into zstd shards, the unreadable records into
 `quarantine.jsonl` with file, line and reason (counted per reason), and the manifest. The stage fails
-only when the bad fraction exceeds the limit. The Prefect task at the bottom adds logging, progress
+only when the bad fraction exceeds the limit. The Prefect task (`task.py`) adds logging, progress
 artifacts and retries.
 """
 from __future__ import annotations
@@ -25,15 +25,13 @@ from tasks.core.data_config import CorpusConfig
 from tasks.download.fetch import Fetched, PermanentTransferError, Remote, RetryPolicy, fetch, redact_url
 from tasks.download.readers import REASONS, read_records
 from tasks.download.sources import SourceFile, list_sources, remote_access
-from tasks.core.protocol import (StageResult, atomic_path, check_accounting, code_version, file_entry,
-                         fingerprint, prepare_dir, read_manifest, result_from_manifest, sha256_file,
-                         stage_dir, write_manifest)
+from tasks.core.protocol import (Computed, Stage, StageResult, atomic_path, check_accounting, file_entry,
+                                 run_stage, sha256_file)
 
-STAGE = "download"
-VERSION = 2
+STAGE = Stage("download", version=2, module=__name__, section="corpus",
+              info_keys=("capped", "shards", "source_bytes", "quarantine_reasons"))
 ZSTD_LEVEL = 3
 QUARANTINE = "quarantine.jsonl"
-INFO_KEYS = ("capped", "shards", "source_bytes", "quarantine_reasons")
 
 
 class BadInputError(ValueError):
@@ -45,9 +43,7 @@ def _listing(files: list[SourceFile]) -> list[str]:
 
 
 def plan(cfg: CorpusConfig, workspace: str) -> tuple[str, Path]:
-    code = code_version(__name__, VERSION)
-    fp = fingerprint(STAGE, public_config(cfg), _listing(list_sources(cfg, workspace)[0]), code)
-    return fp, stage_dir(workspace, "raw", fp)
+    return STAGE.plan(public_config(cfg), _listing(list_sources(cfg, workspace)[0]), workspace)
 
 
 def public_config(cfg: CorpusConfig) -> dict[str, Any]:
@@ -156,17 +152,15 @@ def run_download(cfg: CorpusConfig, workspace: str,
                  on_progress: Callable[[dict[str, float]], None] | None = None) -> StageResult:
     """Fetch remote files, read every source file once, write raw shards, a quarantine ledger and
     the manifest."""
-    started = time.time()
     remote = remote_access(cfg)
     files, capped = list_sources(cfg, workspace, remote)
-    code = code_version(__name__, VERSION)
-    public = public_config(cfg)
-    fp = fingerprint(STAGE, public, _listing(files), code)
-    directory = stage_dir(workspace, "raw", fp)
-    if (manifest := read_manifest(directory)) is not None:
-        return result_from_manifest(directory, manifest, reused=True, info_keys=INFO_KEYS)
-    prepare_dir(directory)
+    public, listing = public_config(cfg), _listing(files)
+    return run_stage(STAGE, STAGE.plan(public, listing, workspace), config=public, inputs=listing,
+                     compute=lambda out: _download(cfg, files, capped, remote, out, on_progress))
 
+
+def _download(cfg: CorpusConfig, files: list[SourceFile], capped: bool, remote: Remote, directory: Path,
+              on_progress: Callable[[dict[str, float]], None] | None) -> Computed:
     progress = Progress(len(files), on_progress)
     counts = {"files": 0, "docs": 0, "quarantined": 0, "bytes": 0}
     reasons = dict.fromkeys(REASONS, 0)
@@ -240,13 +234,21 @@ def run_download(cfg: CorpusConfig, workspace: str,
                             f"{directory / QUARANTINE}")
     entries = shards.entries + [file_entry(directory / QUARANTINE, directory,
                                            rows=counts["quarantined"])]
-    manifest = write_manifest(directory, stage=STAGE, fp=fp, code=code, config=public,
-                              inputs=_listing(files), counts=counts, files=entries, started=started,
-                              capped=capped, source_bytes=counts["bytes"], shards=len(shards.entries),
-                              uncompressed_bytes=shards.uncompressed, sources=sources,
-                              records_read=records, quarantine_reasons=reasons,
-                              transfers=transfers)
-    return result_from_manifest(directory, manifest, reused=False, info_keys=INFO_KEYS)
+    return Computed(counts, entries, info=dict(
+        capped=capped, source_bytes=counts["bytes"], shards=len(shards.entries),
+        uncompressed_bytes=shards.uncompressed, sources=sources, records_read=records,
+        quarantine_reasons=reasons, transfers=transfers))
+
+
+def describe(result: StageResult) -> tuple[str, list[str]]:
+    """The log line and report lines of a download result."""
+    c, info = result.counts, result.info
+    capped = " (capped at max_bytes)" if info.get("capped") else ""
+    return (f"download: {c['files']} files, {c['docs']} docs, {c['quarantined']} quarantined, "
+            f"{c['bytes']:,} source bytes{capped} -> {result.path}",
+            [f"- raw shards: {info.get('shards', 0)}", f"- capped at max_bytes: {bool(info.get('capped'))}",
+             f"- quarantined by reason: {info.get('quarantine_reasons', {})}",
+             f"- quarantine ledger: `{Path(result.path) / QUARANTINE}`"])
 
 
 PROGRESS_HOOKS: list[Callable[[dict[str, float]], None]] = []

@@ -1,16 +1,15 @@
 """The `download` Prefect task: retried only when a retry can succeed, with a progress artifact."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 from prefect import get_run_logger
 
 from tasks.core.data_config import CorpusConfig
-from tasks.core.prefect_stage import report, stage_task
+from tasks.core.prefect_stage import stage_task
 from tasks.core.protocol import StageResult
 from tasks.download.fetch import PermanentTransferError, redact_text
-from tasks.download.stage import PROGRESS_HOOKS, QUARANTINE, STAGE, BadInputError, plan, run_download
+from tasks.download.stage import PROGRESS_HOOKS, STAGE, BadInputError, describe, plan, run_download
 
 
 def _retry_worth_it(task: Any, task_run: Any, state: Any) -> bool:
@@ -47,17 +46,7 @@ def _progress_sink(logger: Any) -> Callable[[dict[str, float]], None]:
     return sink
 
 
-@stage_task(STAGE, plan, retries=3, retry_condition_fn=_retry_worth_it)
+@stage_task(STAGE, plan, describe=describe, retries=3, retry_condition_fn=_retry_worth_it)
 def download(cfg: CorpusConfig, workspace: str) -> StageResult:
     """Take the corpus sources into raw jsonl.zst shards (quarantining unreadable records)."""
-    logger = get_run_logger()
-    result = run_download(cfg, workspace, on_progress=_progress_sink(logger))
-    c = result.counts
-    capped = " (capped at max_bytes)" if result.info.get("capped") else ""
-    logger.info(f"download: {c['files']} files, {c['docs']} docs, {c['quarantined']} "
-                f"quarantined, {c['bytes']:,} source bytes{capped} -> {result.path}")
-    report(STAGE, result, [f"- raw shards: {result.info.get('shards', 0)}",
-                           f"- capped at max_bytes: {bool(result.info.get('capped'))}",
-                           f"- quarantined by reason: {result.info.get('quarantine_reasons', {})}",
-                           f"- quarantine ledger: `{Path(result.path) / QUARANTINE}`"])
-    return result
+    return run_download(cfg, workspace, on_progress=_progress_sink(get_run_logger()))

@@ -8,7 +8,6 @@ smoothed) is scored on exactly the same targets: a trained model must beat it.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,12 @@ from tasks.tokenize.bpe import load_tokenizer
 from tasks.core.train_config import EvalConfig
 from tasks.evaluate.evals import run_task
 from tasks.evaluate.evals.contamination import contaminated_fraction, example_texts, training_index
-from tasks.core.protocol import (StageResult, code_version, file_entry, fingerprint, prepare_dir,
-                         read_manifest, result_from_manifest, sha256_file, stage_dir, write_json_atomic,
-                         write_manifest)
+from tasks.core.protocol import (Computed, Stage, StageResult, file_entry, run_stage, sha256_file,
+                                 write_json_atomic)
 from tasks.tokenize.rows import read_rows
 
-STAGE = "evaluate"
-VERSION = 1
-INFO_KEYS = ("metrics", "run_id", "model_dir", "samples_path", "report_path")
+STAGE = Stage("evaluate", version=1, module=__name__, section="eval", inputs=("train", "tokenize"),
+              info_keys=("metrics", "run_id", "model_dir", "samples_path", "report_path"))
 LN2 = math.log(2)
 
 
@@ -40,10 +37,12 @@ def _task_files(cfg: EvalConfig) -> list[str]:
     return [f"{p}:{sha256_file(Path(p))}" for p in paths]
 
 
+def _inputs(cfg: EvalConfig, upstream: StageResult, tokens: StageResult) -> list[str]:
+    return [upstream.fingerprint, tokens.fingerprint, *_task_files(cfg)]
+
+
 def plan(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, workspace: str) -> tuple[str, Path]:
-    code = code_version(__name__, VERSION)
-    fp = fingerprint(STAGE, cfg, [upstream.fingerprint, tokens.fingerprint, *_task_files(cfg)], code)
-    return fp, stage_dir(workspace, "eval", fp)
+    return STAGE.plan(cfg, _inputs(cfg, upstream, tokens), workspace)
 
 
 @torch.no_grad()
@@ -124,11 +123,14 @@ def report_markdown(metrics: dict[str, float], samples: list[dict], cfg: EvalCon
 
 
 def run_evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, workspace: str) -> StageResult:
-    fp, out = plan(cfg, upstream, tokens, workspace)
-    if (m := read_manifest(out)) is not None:
-        return result_from_manifest(out, m, reused=True, info_keys=INFO_KEYS)
-    started = time.time()
-    prepare_dir(out)
+    """Score the trained model (`upstream`) on the token stage's validation split, its eval tasks and
+    samples; the metrics also go to the training's MLflow run."""
+    inputs = _inputs(cfg, upstream, tokens)
+    return run_stage(STAGE, STAGE.plan(cfg, inputs, workspace), config=cfg, inputs=inputs,
+                     upstream=[upstream, tokens], compute=lambda out: _evaluate(cfg, upstream, tokens, workspace, out))
+
+
+def _evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, workspace: str, out: Path) -> Computed:
     model = GPTNeo.from_pretrained(upstream.info["model_dir"])
     val, val_bytes = read_rows(tokens.path, "val")
     if cfg.max_batches is not None:
@@ -151,11 +153,13 @@ def run_evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, wo
     files = [file_entry(out / name, out) for name in ("metrics.json", "samples.json", "report.md")]
     run_id = upstream.info["run_id"]
     tracking.log_metrics(tracking.client(workspace), run_id, metrics, step=upstream.counts.get("steps", 0))
-    manifest = write_manifest(out, stage=STAGE, fp=fp, code=code_version(__name__, VERSION), config=cfg,
-                              inputs=[upstream.fingerprint, tokens.fingerprint],
-                              counts={"val_rows": int(val.shape[0]), "val_tokens": n_targets,
-                                      "samples": len(samples)},
-                              files=files, started=started, metrics=metrics, run_id=run_id,
-                              model_dir=upstream.info["model_dir"],
-                              samples_path=str(out / "samples.json"), report_path=str(out / "report.md"))
-    return result_from_manifest(out, manifest, reused=False, info_keys=INFO_KEYS)
+    return Computed({"val_rows": int(val.shape[0]), "val_tokens": n_targets, "samples": len(samples)}, files,
+                    info=dict(metrics=metrics, run_id=run_id, model_dir=upstream.info["model_dir"],
+                              samples_path=str(out / "samples.json"), report_path=str(out / "report.md")))
+
+
+def describe(result: StageResult) -> tuple[str, list[str]]:
+    """The log line and report (the evaluation's own report.md) of an evaluate result."""
+    m = result.info["metrics"]
+    return (f"val loss {m['val_loss']:.4f}, ppl {m['val_ppl']:.2f}, bpb {m['val_bpb']:.4f} "
+            f"(unigram baseline bpb {m['unigram_val_bpb']:.4f})", [Path(result.info["report_path"]).read_text()])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,12 @@ from tasks.core import tracking
 from tasks.tokenize.bpe import load_tokenizer
 from tasks.core.train_config import RegistryConfig
 from tasks.evaluate.evals.scoring import rolling_nll
-from tasks.core.protocol import (StageResult, code_version, file_entry, fingerprint, prepare_dir, read_manifest,
-                         result_from_manifest, stable_hash, stage_dir, write_json_atomic, write_manifest)
+from tasks.core.protocol import (MANIFEST, Computed, Stage, StageResult, file_entry, lineage_of, run_stage,
+                                 stable_hash, stage_dir, write_json_atomic)
 from tasks.tokenize.rows import read_rows
 
-STAGE = "register"
-VERSION = 2
-INFO_KEYS = ("model_name", "version", "alias", "run_id", "metric", "gate")
+STAGE = Stage("register", version=2, module=__name__, section="registry", inputs=("evaluate",),
+              info_keys=("model_name", "version", "alias", "run_id", "metric", "gate"))
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 NEO_MODEL_DIR = Path(__file__).resolve().parents[2] / "neo_model"
 PIP_REQUIREMENTS = ["torch==2.13.0", "tokenizers", "safetensors", "numpy", "pandas"]
@@ -40,12 +38,10 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "tokenizers", "safetensors", "numpy", "pand
 
 def plan(cfg: RegistryConfig, upstream: StageResult, lineage: list[StageResult],
          params: dict[str, str], workspace: str) -> tuple[str, Path]:
-    # The evaluation's fingerprint already covers every stage before it; the lineage list is only what
-    # gets logged, so the same training registered from the full pipeline or from existing token
-    # shards (train-eval-register) is the same registration.
-    code = code_version(__name__, VERSION)
-    fp = fingerprint(STAGE, cfg, [upstream.fingerprint, stable_hash(params)], code)
-    return fp, stage_dir(workspace, "registry", fp)
+    # The evaluation's fingerprint already covers every stage before it; the lineage list only says
+    # where the tokens and the training are, so the same training registered from the full pipeline or
+    # from existing token shards (train-eval-register) is the same registration.
+    return STAGE.plan(cfg, [upstream.fingerprint, stable_hash(params)], workspace)
 
 
 # ---------------------------------------------------------------------------- the gate
@@ -127,27 +123,37 @@ def _existing_version(c, cfg: RegistryConfig, fp: str):
     return found[0] if found else None
 
 
-def _log_lineage(c, run_id: str, results: list[StageResult]) -> None:
-    """One dataset input per stage output (digest = fingerprint prefix, MLflow caps it at 36 chars)."""
+def lineage_dirs(results: list[StageResult], workspace: str) -> dict[str, tuple[str, Path]]:
+    """Stage -> (fingerprint, directory) for the whole chain behind `results` (their manifests'
+    lineage plus themselves): a stage not among `results` is at `<workspace>/<stage>/<fp>`."""
+    given = {r.stage: Path(r.path) for r in results}
+    return {stage: (fp, given.get(stage) or stage_dir(workspace, stage, fp))
+            for stage, fp in lineage_of(results).items()}
+
+
+def _log_lineage(c, run_id: str, chain: dict[str, tuple[str, Path]]) -> None:
+    """One dataset input per stage output (digest = fingerprint prefix, MLflow caps it at 36 chars),
+    and each stage's manifest and code version where this host has it."""
+    import json
+
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    inputs = [DatasetInput(Dataset(name=r.stage, digest=r.fingerprint[:36], source_type="local",
-                                   source=Path(r.path).resolve().as_uri()),
-                           tags=[InputTag("mlflow.data.context", r.stage), InputTag("neo.fingerprint", r.fingerprint)])
-              for r in results]
+    inputs = [DatasetInput(Dataset(name=stage, digest=fp[:36], source_type="local", source=path.resolve().as_uri()),
+                           tags=[InputTag("mlflow.data.context", stage), InputTag("neo.fingerprint", fp)])
+              for stage, (fp, path) in chain.items()]
     c.log_inputs(run_id, datasets=inputs)
-    for r in results:
-        c.log_artifact(run_id, str(Path(r.path) / "manifest.json"), artifact_path=f"lineage/{r.stage}")
-        manifest = read_manifest(Path(r.path)) or {}
-        if "code_version" in manifest:
-            c.set_tag(run_id, f"neo.code_version.{r.stage}", manifest["code_version"])
+    for stage, (_, path) in chain.items():
+        if (path / MANIFEST).is_file():
+            c.log_artifact(run_id, str(path / MANIFEST), artifact_path=f"lineage/{stage}")
+            manifest = json.loads((path / MANIFEST).read_text())
+            if "code_version" in manifest:
+                c.set_tag(run_id, f"neo.code_version.{stage}", manifest["code_version"])
 
 
 def _log_model(run_id: str, model_dir: str, workspace: str) -> str:
     import mlflow
 
-    tracking.use_workspace(workspace)
-    with mlflow.start_run(run_id=run_id):
+    with tracking.fluent(workspace), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_FILE),
                                        artifacts={"model": model_dir}, code_paths=[str(NEO_MODEL_DIR)],
                                        pip_requirements=PIP_REQUIREMENTS)
@@ -164,17 +170,18 @@ def _register_new(c, cfg, fp, upstream, lineage, params, workspace, run_tags) ->
     c.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items() if k not in logged])
     for k, v in run_tags.items():
         c.set_tag(run_id, k, v)
-    _log_lineage(c, run_id, [*lineage, upstream])
+    chain = lineage_dirs([*lineage, upstream], workspace)
+    _log_lineage(c, run_id, chain)
     for key in ("samples_path", "report_path"):
         if upstream.info.get(key):
             c.log_artifact(run_id, upstream.info[key], artifact_path="eval")
     model_uri = _log_model(run_id, model_dir, workspace)
-    tracking.use_workspace(workspace)
     metrics = upstream.info["metrics"]
     train = next((r for r in lineage if r.stage == "train"), None)
     tags = {"neo_fingerprint": fp, "neo_run_id": run_id, cfg.metric: str(metrics.get(cfg.metric)),
-            **{f"neo.fp.{r.stage}": r.fingerprint for r in [*lineage, upstream]}}
-    mv = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
+            **{f"neo.fp.{stage}": fp for stage, (fp, _) in chain.items()}}
+    with tracking.fluent(workspace):
+        mv = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
     steps = train.counts.get("steps") if train else "?"
     c.update_model_version(cfg.model_name, mv.version, description=(
         f"GPT-Neo trained {steps} steps; validation bits-per-byte {metrics['val_bpb']:.4f} "
@@ -185,11 +192,17 @@ def _register_new(c, cfg, fp, upstream, lineage, params, workspace, run_tags) ->
 
 def run_register(cfg: RegistryConfig, upstream: StageResult, lineage: list[StageResult],
                  params: dict[str, str], workspace: str, run_tags: dict[str, str] | None = None) -> StageResult:
-    fp, out = plan(cfg, upstream, lineage, params, workspace)
-    if (m := read_manifest(out)) is not None:
-        return result_from_manifest(out, m, reused=True, info_keys=INFO_KEYS)
-    started = time.time()
-    prepare_dir(out)
+    """Log the evaluated model into its training's MLflow run, register it (once per fingerprint) and
+    let the gate alias it; `lineage` must hold the token stage's result (the gate scores its text)."""
+    planned = plan(cfg, upstream, lineage, params, workspace)
+    return run_stage(STAGE, planned, config=cfg, inputs=[upstream.fingerprint, stable_hash(params)],
+                     upstream=[*lineage, upstream],
+                     compute=lambda out: _register(cfg, upstream, lineage, params, workspace, run_tags or {},
+                                                   planned[0], out))
+
+
+def _register(cfg: RegistryConfig, upstream: StageResult, lineage: list[StageResult], params: dict[str, str],
+              workspace: str, run_tags: dict[str, str], fp: str, out: Path) -> Computed:
     metrics = upstream.info["metrics"]
     if cfg.metric not in metrics:
         raise ValueError(f"registry.metric {cfg.metric!r} is not an evaluation metric "
@@ -200,19 +213,23 @@ def run_register(cfg: RegistryConfig, upstream: StageResult, lineage: list[Stage
     c = tracking.client(workspace)
     existing = _existing_version(c, cfg, fp)
     version = str(existing.version) if existing is not None else \
-        _register_new(c, cfg, fp, upstream, lineage, params, workspace, run_tags or {})
+        _register_new(c, cfg, fp, upstream, lineage, params, workspace, run_tags)
     decision = gate(cfg, c, version, upstream.info["model_dir"], tokens.path)
     record = {"model_name": cfg.model_name, "version": version, "alias": decision["alias"],
               "run_id": upstream.info["run_id"], "metric": {cfg.metric: metrics[cfg.metric]}, "gate": decision}
     write_json_atomic(out / "registration.json", record)
-    manifest = write_manifest(out, stage=STAGE, fp=fp, code=code_version(__name__, VERSION), config=cfg,
-                              inputs=[upstream.fingerprint, *(r.fingerprint for r in lineage)],
-                              counts={"registered": int(existing is None)},
-                              files=[file_entry(out / "registration.json", out)], started=started, **record)
-    return result_from_manifest(out, manifest, reused=False, info_keys=INFO_KEYS)
+    return Computed({"registered": int(existing is None)}, [file_entry(out / "registration.json", out)], record)
 
 
 def model_version_url(cfg: RegistryConfig, workspace: str, version: str) -> str:
     uri = tracking.tracking_uri(workspace)
     base = uri.rstrip("/") if uri.startswith("http") else cfg.ui_url.rstrip("/")
     return f"{base}/#/models/{cfg.model_name}/versions/{version}"
+
+
+def describe(result: StageResult) -> tuple[str, list[str]]:
+    """The log line and report lines of a register result."""
+    i = result.info
+    return (f"registered {i['model_name']} version {i['version']} as @{i['alias']}: {i['gate']['reason']}",
+            [f"- model: `{i['model_name']}` version {i['version']} alias `@{i['alias']}`",
+             f"- gate: {i['gate']['reason']}"])

@@ -2,13 +2,12 @@
 registered model version as an artifact."""
 from __future__ import annotations
 
-from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact
 
 from tasks.core.train_config import RegistryConfig
-from tasks.core.prefect_stage import report, stage_task
+from tasks.core.prefect_stage import stage_task
 from tasks.core.protocol import StageResult
-from tasks.register.stage import STAGE, model_version_url, plan, run_register
+from tasks.register.stage import STAGE, describe, model_version_url, plan, run_register
 
 
 def _prefect_tags() -> dict[str, str]:
@@ -17,21 +16,18 @@ def _prefect_tags() -> dict[str, str]:
     tags = {}
     if flow_run.id:
         tags["prefect.flow_run_id"] = flow_run.id
-        if flow_run.ui_url:
-            tags["prefect.flow_run_url"] = flow_run.ui_url
+        url = flow_run.ui_url  # "None/flow-runs/..." when no UI URL is configured (embedded mode)
+        if url and url.startswith(("http://", "https://")):
+            tags["prefect.flow_run_url"] = url
     return tags
 
 
-@stage_task(STAGE, plan, retries=3)
+@stage_task(STAGE, plan, describe=describe, retries=3)
 def register(cfg: RegistryConfig, upstream: StageResult, lineage: list[StageResult],
              params: dict[str, str], workspace: str) -> StageResult:
     """Log and register the model in MLflow; the gate aliases it champion or challenger."""
     result = run_register(cfg, upstream, lineage, params, workspace, run_tags=_prefect_tags())
     i = result.info
-    get_run_logger().info(f"registered {i['model_name']} version {i['version']} as @{i['alias']}: "
-                          f"{i['gate']['reason']}")
-    report(STAGE, result, [f"- model: `{i['model_name']}` version {i['version']} alias `@{i['alias']}`",
-                           f"- gate: {i['gate']['reason']}"])
     create_link_artifact(key="registered-model", link=model_version_url(cfg, workspace, i["version"]),
                          link_text=f"{i['model_name']} v{i['version']}", description="MLflow model version")
     return result

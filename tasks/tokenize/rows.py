@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from tasks.core.protocol import read_manifest
 
-STAGE = "tokenize"
+STAGE_NAME = "tokenize"
 SPLITS = ("train", "val")
 INDEX_DIR = "index"
 
@@ -44,7 +44,7 @@ def _complete_manifest(tokens_dir: Path, split: str) -> dict:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     manifest = read_manifest(tokens_dir)
-    if manifest is None or manifest.get("stage") != STAGE:
+    if manifest is None or manifest.get("stage") != STAGE_NAME:
         raise FileNotFoundError(f"{tokens_dir} is not a complete tokenize stage directory")
     return manifest
 

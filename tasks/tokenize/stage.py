@@ -1,12 +1,13 @@
 """Tokenize stage: a byte-level BPE (trained here or loaded), a deterministic split, packed token rows.
 
-Output, `<workspace>/tokens/<fp>/`:
+Output, `<workspace>/tokenize/<fp>/`:
 
     tokenizer.json                         the tokenizer every row was encoded with
     train/part-UUUUU-KKKK.parquet ...      packed rows (columns `tokens`, `n_bytes`), zstd
     val/part-UUUUU-KKKK.parquet ...
     index/<split>/part-UUUUU-KKKK.parquet  side table: row -> document ids and byte ranges
-    .units/unit-UUUUU.json                 per-input-file completion records (resume)
+    .units/tokenizer.json                  marker: the saved tokenizer.json and its name (resume)
+    .units/unit-UUUUU.json                 marker: one input file's rows and counts (resume)
     manifest.json                          written last (see tasks/core/protocol.py)
 
 Input unit U is the U-th `docs-*.parquet` of the upstream stage. The tokenizer comes from `tasks.tokenize.bpe`
@@ -20,10 +21,7 @@ documents. `tasks.tokenize.rows` reads the rows back.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -37,27 +35,28 @@ from tasks.tokenize.bpe import (TOKENIZER_FILE, encode_docs, fetch_tokenizer_sou
                        source_sha256, token_byte_lengths, token_dtype, tokenizer_from_files, train_tokenizer)
 from tasks.core.data_config import TokenizerConfig
 from tasks.tokenize.packing import SplitWriter, copies, is_val
-from tasks.core.protocol import (StageResult, atomic_path, check_accounting, code_version, file_entry,
-                         fingerprint, prepare_dir, read_manifest, result_from_manifest, sha256_file,
-                         stage_dir, write_json_atomic, write_manifest)
-from tasks.tokenize.rows import INDEX_DIR, SPLITS, STAGE
+from tasks.core.protocol import (Computed, Stage, StageResult, atomic_path, check_accounting, file_entry,
+                                 prepare_dir, read_marker, run_stage, sha256_file, write_marker)
+from tasks.tokenize.rows import INDEX_DIR, SPLITS, STAGE_NAME
 
-VERSION = 2
+STAGE = Stage(STAGE_NAME, version=2, module=__name__, section="tokenizer", inputs=("dedup",),
+              info_keys=("vocab_size", "eos_id", "seq_len", "dtype", "train_bytes", "val_bytes",
+                         "tokenizer_sha256", "tokenizer_name", "tail_tokens_dropped", "sources"))
 SCHEMA_NAME = "neo-tokens/1"
 UNITS_DIR = ".units"
-INFO_KEYS = ("vocab_size", "eos_id", "seq_len", "dtype", "train_bytes", "val_bytes",
-             "tokenizer_sha256", "tokenizer_name", "tail_tokens_dropped", "sources")
 READ_BATCH_ROWS = 256
 """Documents per Parquet read batch and per `encode_batch` call (documents can be up to ~1 MB)."""
 
 
-def plan(cfg: TokenizerConfig, upstream: StageResult, workspace: str) -> tuple[str, Path]:
-    code = code_version(__name__, VERSION)
+def _inputs(cfg: TokenizerConfig, upstream: StageResult) -> list[str]:
     inputs = [upstream.fingerprint]
     if cfg.tokenizer_source is not None:
         inputs.append(f"tokenizer:{source_sha256(fetch_tokenizer_source(cfg.tokenizer_source))}")
-    fp = fingerprint(STAGE, cfg, inputs, code)
-    return fp, stage_dir(workspace, "tokens", fp)
+    return inputs
+
+
+def plan(cfg: TokenizerConfig, upstream: StageResult, workspace: str) -> tuple[str, Path]:
+    return STAGE.plan(cfg, _inputs(cfg, upstream), workspace)
 
 
 # ---------------------------------------------------------------------------- input
@@ -100,33 +99,28 @@ def _train_sample(files: list[Path], cfg: TokenizerConfig) -> Iterator[str]:
 # ---------------------------------------------------------------------------- the stage
 
 
-def _unit_record_path(out: Path, unit: int) -> Path:
+def _unit_marker(out: Path, unit: int) -> Path:
     return out / UNITS_DIR / f"unit-{unit:05d}.json"
 
 
-def _valid_unit(out: Path, record: dict, tokenizer_sha: str) -> bool:
-    if record.get("tokenizer_sha256") != tokenizer_sha:
-        return False
-    return all((out / f["path"]).is_file() and (out / f["path"]).stat().st_size == f["bytes"]
-               for s in SPLITS for f in record[s]["files"])
+def _tokenizer_marker(out: Path) -> Path:
+    return out / UNITS_DIR / "tokenizer.json"
 
 
 def _resume(out: Path, n_units: int) -> dict[int, dict]:
     """Keep the finished units of a partial run (same fingerprint, same tokenizer.json); delete the
-    rest. Without a usable tokenizer.json the directory starts afresh."""
-    tok, mark = out / TOKENIZER_FILE, out / UNITS_DIR / "tokenizer.sha256"
-    if not (tok.is_file() and mark.is_file() and mark.read_text().strip() == sha256_file(tok)):
+    rest. Without an intact tokenizer.json (its marker's size and sha256) the directory starts afresh."""
+    tok = read_marker(_tokenizer_marker(out), out)
+    if tok is None or sha256_file(out / TOKENIZER_FILE) != tok["files"][0]["sha256"]:
         prepare_dir(out)
         return {}
-    sha, done = mark.read_text().strip(), {}
+    sha, done = tok["files"][0]["sha256"], {}
     for unit in range(n_units):
-        path = _unit_record_path(out, unit)
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            record = json.loads(path.read_text())
-            if _valid_unit(out, record, sha):
-                done[unit] = record
-    keep = {tok, mark, out / UNITS_DIR / "tokenizer.name"} | {_unit_record_path(out, u) for u in done}
-    keep |= {out / f["path"] for r in done.values() for s in SPLITS for f in r[s]["files"]}
+        record = read_marker(_unit_marker(out, unit), out)
+        if record is not None and record.get("tokenizer_sha256") == sha:
+            done[unit] = record
+    keep = {out / TOKENIZER_FILE, _tokenizer_marker(out)} | {_unit_marker(out, u) for u in done}
+    keep |= {out / f["path"] for r in done.values() for f in r["files"]}
     for path in sorted(out.rglob("*"), reverse=True):
         if path.is_file() and path not in keep:
             path.unlink()
@@ -175,10 +169,10 @@ def _encode_unit(out: Path, unit: int, path: Path, cfg: TokenizerConfig, tokeniz
                 stream, lengths = encode_docs(tokenizer, [batch[j] for j in pick], eos_id, dtype)
                 writers[split].add(stream, lengths, [ids[j] for j in pick], [sources[j] for j in pick],
                                    sizes[pick], copy)
-    record = {"unit": unit, "input": path.name, "tokenizer_sha256": tokenizer_sha, "docs": docs,
-              **{s: w.finish() for s, w in writers.items()}}
-    write_json_atomic(_unit_record_path(out, unit), record)
-    return record
+    splits = {s: w.finish() for s, w in writers.items()}
+    files = [{"path": f["path"], "bytes": f["bytes"]} for s in SPLITS for f in splits[s]["files"]]
+    return write_marker(_unit_marker(out, unit), files, unit=unit, input=path.name,
+                        tokenizer_sha256=tokenizer_sha, docs=docs, **splits)
 
 
 def _sum_sources(records: list[dict], split: str) -> dict[str, dict[str, int]]:
@@ -194,23 +188,22 @@ def _sum_sources(records: list[dict], split: str) -> dict[str, dict[str, int]]:
 def run_tokenize(cfg: TokenizerConfig, upstream: StageResult, workspace: str) -> StageResult:
     """Load or train the tokenizer and write packed rows, unless a complete output directory exists;
     a partial one keeps its finished units."""
-    fp, out = plan(cfg, upstream, workspace)
-    if (m := read_manifest(out)) is not None:
-        return result_from_manifest(out, m, reused=True, info_keys=INFO_KEYS)
-    started = time.time()
+    inputs = _inputs(cfg, upstream)
+    return run_stage(STAGE, STAGE.plan(cfg, inputs, workspace), config=cfg, inputs=inputs,
+                     upstream=[upstream], resume=True, compute=lambda out: _tokenize(cfg, upstream, out))
+
+
+def _tokenize(cfg: TokenizerConfig, upstream: StageResult, out: Path) -> Computed:
     files = _doc_files(upstream.path)
-    out.mkdir(parents=True, exist_ok=True)
     done = _resume(out, len(files))
     with parallelism():
-        if (out / TOKENIZER_FILE).is_file() and (out / UNITS_DIR / "tokenizer.sha256").is_file():
-            name = json.loads((out / UNITS_DIR / "tokenizer.name").read_text())
+        if (marker := read_marker(_tokenizer_marker(out), out)) is not None:
+            name = marker["name"]
         else:
             tokenizer, name = _tokenizer_for(cfg, files)
             with atomic_path(out / TOKENIZER_FILE) as tmp:
                 tokenizer.save(str(tmp))
-            write_json_atomic(out / UNITS_DIR / "tokenizer.name", name)
-            with atomic_path(out / UNITS_DIR / "tokenizer.sha256") as tmp:
-                tmp.write_text(sha256_file(out / TOKENIZER_FILE))
+            write_marker(_tokenizer_marker(out), [file_entry(out / TOKENIZER_FILE, out)], name=name)
         tokenizer = load_tokenizer(out)  # encode with exactly what was saved
         tokenizer_sha = sha256_file(out / TOKENIZER_FILE)
         vocab_size, eos_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(cfg.eos_token)
@@ -230,7 +223,7 @@ def run_tokenize(cfg: TokenizerConfig, upstream: StageResult, workspace: str) ->
               "train_docs_unused": docs["train_unused"], "train_draws": split["train"]["draws"],
               "train_rows": split["train"]["rows"], "val_rows": split["val"]["rows"],
               "train_tokens": split["train"]["tokens"], "val_tokens": split["val"]["tokens"]}
-    check_accounting(counts, docs["docs_in"], ["train_docs", "val_docs"], STAGE)
+    check_accounting(counts, docs["docs_in"], ["train_docs", "val_docs"], STAGE.name)
     for s in SPLITS:
         if split[s]["rows"] == 0:
             raise ValueError(
@@ -242,14 +235,27 @@ def run_tokenize(cfg: TokenizerConfig, upstream: StageResult, workspace: str) ->
     for s in SPLITS:
         entries += [f for r in records for f in r[s]["files"] if f["path"].startswith(f"{s}/")]
     entries += [f for s in SPLITS for r in records for f in r[s]["files"] if f["path"].startswith(INDEX_DIR)]
-    manifest = write_manifest(
-        out, stage=STAGE, fp=fp, code=code_version(__name__, VERSION), config=cfg,
-        inputs=[upstream.fingerprint], counts=counts, files=entries, started=started,
+    return Computed(counts, entries, info=dict(
         schema=SCHEMA_NAME, tokenizer_name=name, vocab_size=vocab_size, eos_id=eos_id,
         seq_len=cfg.seq_len, dtype=dtype.name,
         train_bytes=split["train"]["bytes"], val_bytes=split["val"]["bytes"],
         tokenizer_sha256=tokenizer_sha,
         tail_tokens_dropped={s: split[s]["tail_tokens"] for s in SPLITS},
         tail_bytes_dropped={s: split[s]["tail_bytes"] for s in SPLITS},
-        sources={s: _sum_sources(records, s) for s in SPLITS})
-    return result_from_manifest(out, manifest, reused=False, info_keys=INFO_KEYS)
+        sources={s: _sum_sources(records, s) for s in SPLITS}))
+
+
+def describe(result: StageResult) -> tuple[str, list[str]]:
+    """The log line and report lines of a tokenize result."""
+    c, info = result.counts, result.info
+    line = (f"tokenize: {c['train_rows']:,} train / {c['val_rows']:,} val rows of {info['seq_len']} "
+            f"from {c['docs_in']:,} documents, vocab {info['vocab_size']:,} (reused: {result.reused})")
+    per_source = [f"- {s} {src}: {a['docs']:,} docs drawn, {a['bytes']:,} bytes, {a['tokens']:,} tokens"
+                  for s, by in info.get("sources", {}).items() for src, a in by.items()]
+    return line, [
+        f"- tokenizer: {info.get('tokenizer_name', '')}",
+        f"- vocabulary: {info['vocab_size']:,} ({info['dtype']}), eos id {info['eos_id']}",
+        f"- bytes per token: train {info['train_bytes'] / max(c['train_tokens'], 1):.2f}, "
+        f"val {info['val_bytes'] / max(c['val_tokens'], 1):.2f}",
+        f"- tail tokens dropped: {info['tail_tokens_dropped']}",
+        f"- tokenizer.json sha256: `{info['tokenizer_sha256']}`", *per_source]

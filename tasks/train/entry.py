@@ -1,10 +1,11 @@
 """Training entry point: `python -m tasks.train.entry SPEC.json`, alone or under `torchrun`.
 
-    torchrun --nproc_per_node=8 -m tasks.train.entry runs/<fp>/train_spec.json
+    torchrun --nproc_per_node=8 -m tasks.train.entry train/<fp>/train_spec.json
     torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=host:29500 -m tasks.train.entry SPEC.json
 
-The spec is written by `tasks.train.stage.run_train` (see tasks/train/trainer.py). On failure every rank prints
-one `NEO_ERROR {"type", "message"}` line before its traceback, which the parent re-raises.
+The spec (`tasks.train.spec.TrainSpec`) is written by `tasks.train.stage.run_train`; the loop is
+tasks/train/trainer.py. On failure every rank prints one `NEO_ERROR {"type", "message"}` line before its
+traceback, which the parent re-raises.
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m tasks.train.entry SPEC.json", file=sys.stderr)
         return 2
+    # imported here, not at the top: the usage message above comes without loading torch
+    from tasks.train.spec import TrainSpec
     from tasks.train.trainer import ERROR, train_loop
 
-    spec = json.loads(open(args[0]).read())
-    try:
-        train_loop(spec, emit=emit_line)
+    try:  # a spec that does not validate is reported like any other failure
+        train_loop(TrainSpec.read(args[0]), emit=emit_line)
     except BaseException as e:
         emit_line(ERROR + json.dumps({"type": type(e).__name__, "message": str(e)}))
         raise

@@ -1,6 +1,6 @@
 """Train stage: pre-train GPT-Neo on the packed token rows, resumable, logged to one MLflow run.
 
-The run directory `runs/<fp>/` holds `train_spec.json`, `checkpoints/step-*/` (see
+The run directory `train/<fp>/` holds `train_spec.json`, `checkpoints/step-*/` (see
 neo_model.checkpoint) and, when training finishes, `model/` (Hugging Face format + tokenizer.json)
 and the manifest. The loop itself lives in tasks/train/trainer.py and runs in a subprocess
 (`python -m tasks.train.entry`, or `torchrun` when `train.nproc` > 1) whose output is streamed into
@@ -13,39 +13,33 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 from pydantic import ValidationError
 
 from neo_model import GPTNeoConfig
 from neo_model.checkpoint import latest_checkpoint, read_state
 from tasks.core.train_config import ModelConfig, TrainConfig
-from tasks.register.export import write_tokenizer_files
-from tasks.core.protocol import (StageResult, code_version, file_entry, fingerprint, read_manifest,
-                         result_from_manifest, stage_dir, write_manifest)
+from tasks.train.export import write_tokenizer_files
+from tasks.core.protocol import Computed, Stage, StageResult, file_entry, run_stage
 from tasks.core import tracking
-from tasks.train.trainer import (ERROR, METRICS, PROGRESS, RESULT, log_loss_curve, lr_at,  # noqa: F401
-                           make_optimizer, train_loop)
+from tasks.train.curves import log_loss_curve
+from tasks.train.spec import TrainSpec
+from tasks.train.trainer import ERROR, METRICS, PROGRESS, RESULT, train_loop
 
-STAGE = "train"
-VERSION = 2
-INFO_KEYS = ("run_id", "model_dir", "steps", "final_loss", "tokens_seen", "num_parameters",
-             "skipped_steps", "val_loss", "init_from")
+STAGE = Stage("train", version=2, module=__name__, section="train", inputs=("tokenize",),
+              info_keys=("run_id", "model_dir", "steps", "final_loss", "tokens_seen", "num_parameters",
+                         "skipped_steps", "val_loss", "init_from"))
 NOT_FINGERPRINTED = {"in_process", "nproc", "parallel", "nnodes", "rdzv_endpoint"}  # how
 # the loop is launched, not what it computes: a run resumes on another number of processes and under
 # DDP or FSDP (both equal one process to fp32 rounding on CPU; consolidated checkpoints)
 
 
 def plan(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace: str) -> tuple[str, Path]:
-    code = code_version(__name__, VERSION)
-    fp = fingerprint(STAGE, {"train": cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED),
-                             "model": model.model_dump(mode="json")},
-                     [upstream.fingerprint], code)
-    return fp, stage_dir(workspace, "runs", fp)
+    return STAGE.plan({"train": cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED),
+                       "model": model.model_dump(mode="json")}, [upstream.fingerprint], workspace)
 
 
 def model_config(model: ModelConfig, tokens: StageResult) -> GPTNeoConfig:
@@ -60,19 +54,6 @@ def model_config(model: ModelConfig, tokens: StageResult) -> GPTNeoConfig:
     if cfg.vocab_size < info["vocab_size"]:
         raise ValueError(f"model vocab_size {cfg.vocab_size} < tokenizer vocab {info['vocab_size']}")
     return cfg
-
-
-def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> np.ndarray:
-    """Rows for `step`: a fresh seeded permutation per epoch, so the batch depends only on the step.
-    The loop now draws batches from `tasks.train.loader.TokenLoader` (its state is in every checkpoint);
-    this helper is kept for callers that want a step's rows without a loader."""
-    g = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, pos = g // n_rows, g % n_rows
-    out = np.empty(batch_size, dtype=np.int64)
-    for e in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(e)]).permutation(n_rows)
-        out[epochs == e] = perm[pos[epochs == e]]
-    return out
 
 
 def _start_run(workspace: str, cfg: TrainConfig, fp: str, name: str) -> str:
@@ -194,12 +175,20 @@ def host_settings(cfg: TrainConfig) -> TrainConfig:
 def run_train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace: str,
               run_name: str = "neo-train", log=print,
               progress: Callable[[dict[str, Any]], None] | None = None) -> StageResult:
+    """Train to the config's end in a subprocess (or in-process), resuming from the newest checkpoint
+    of a partial run in the same MLflow run; the output is the final model in Hugging Face format."""
     cfg = host_settings(cfg)
-    fp, out = plan(cfg, model, upstream, workspace)
-    if (m := read_manifest(out)) is not None:
-        return result_from_manifest(out, m, reused=True, info_keys=INFO_KEYS)
-    started = time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    planned = plan(cfg, model, upstream, workspace)
+    return run_stage(STAGE, planned, config={"train": cfg.model_dump(mode="json"),
+                                             "model": model.model_dump(mode="json")},
+                     inputs=[upstream.fingerprint], upstream=[upstream], resume=True,
+                     compute=lambda out: _train(cfg, model, upstream, workspace, planned[0], out,
+                                                run_name, log, progress))
+
+
+def _train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace: str, fp: str, out: Path,
+           run_name: str, log: Callable[[str], None],
+           progress: Callable[[dict[str, Any]], None] | None) -> Computed:
     init_dir = resolve_init(cfg, workspace, out)
     mcfg = init_model_config(init_dir, model, upstream)
     c = tracking.client(workspace)
@@ -210,11 +199,9 @@ def run_train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, works
     c.set_tag(run_id, "neo.init_from", cfg.init_from)
     if init_dir is not None:
         c.set_tag(run_id, "neo.init_dir", init_dir)
-    spec = {"train": cfg.model_dump(mode="json"), "model": mcfg.to_hf_dict(), "tokens_dir": upstream.path,
-            "out_dir": str(out), "workspace": str(workspace), "run_id": run_id, "fingerprint": fp,
-            "init_dir": init_dir}
-    spec_path = out / "train_spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
+    spec = TrainSpec(train=cfg, model=mcfg.to_hf_dict(), tokens_dir=upstream.path, out_dir=str(out),
+                     workspace=str(workspace), run_id=run_id, fingerprint=fp, init_dir=init_dir)
+    spec_path = spec.write(out / "train_spec.json")
 
     def on_line(line: str) -> None:
         if line.startswith(METRICS):
@@ -239,15 +226,20 @@ def run_train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, works
     c.set_tag(run_id, "neo.world_size", str(res["world_size"]))
     c.set_terminated(run_id, "FINISHED")
     files = [file_entry(p, out) for p in sorted(model_dir.iterdir())]
-    manifest = write_manifest(
-        out, stage=STAGE, fp=fp, code=code_version(__name__, VERSION),
-        config={"train": cfg.model_dump(mode="json"), "model": model.model_dump(mode="json"),
-                "neo_model": mcfg.to_hf_dict()},
-        inputs=[upstream.fingerprint],
-        counts={"steps": res["steps"], "tokens_seen": res["tokens_seen"],
-                "skipped_steps": res["skipped_steps"]},
-        files=files, started=started, run_id=run_id, model_dir=str(model_dir), steps=res["steps"],
-        final_loss=res["final_loss"], tokens_seen=res["tokens_seen"],
-        num_parameters=res["num_parameters"], device=res["device"], skipped_steps=res["skipped_steps"],
-        val_loss=res["val_loss"], init_from=cfg.init_from, world_size=res["world_size"])
-    return result_from_manifest(out, manifest, reused=False, info_keys=INFO_KEYS)
+    return Computed({"steps": res["steps"], "tokens_seen": res["tokens_seen"],
+                     "skipped_steps": res["skipped_steps"]}, files, info=dict(
+        neo_model=mcfg.to_hf_dict(), run_id=run_id, model_dir=str(model_dir), steps=res["steps"],
+        final_loss=res["final_loss"], tokens_seen=res["tokens_seen"], num_parameters=res["num_parameters"],
+        device=res["device"], skipped_steps=res["skipped_steps"], val_loss=res["val_loss"],
+        init_from=cfg.init_from, world_size=res["world_size"]))
+
+
+def describe(result: StageResult) -> tuple[str, list[str]]:
+    """The log line and report lines of a train result."""
+    i = result.info
+    val = i.get("val_loss")
+    return (f"trained {result.counts['steps']} steps, final loss {i['final_loss']:.4f}, MLflow run {i['run_id']}",
+            [f"- MLflow run: `{i['run_id']}`", f"- started from: `{i.get('init_from', 'scratch')}`",
+             f"- parameters: {i['num_parameters']:,}", f"- final train loss: {i['final_loss']:.4f}",
+             f"- skipped (non-finite) steps: {i.get('skipped_steps', 0)}",
+             *([f"- final val loss: {val:.4f}"] if val is not None else [])])

@@ -7,12 +7,12 @@ from typing import Any
 from prefect import get_run_logger
 
 from tasks.core.train_config import ModelConfig, TrainConfig
-from tasks.core.prefect_stage import report, stage_task
+from tasks.core.prefect_stage import stage_task
 from tasks.core.protocol import StageResult
-from tasks.train.stage import STAGE, plan, run_train
+from tasks.train.stage import STAGE, describe, plan, run_train
 
 
-@stage_task(STAGE, plan, retries=1)
+@stage_task(STAGE, plan, describe=describe, retries=1)
 def train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace: str) -> StageResult:
     """Pre-train GPT-Neo in a subprocess; a retry resumes from the newest checkpoint in the same
     MLflow run. Progress (percent, tokens/s, loss, ETA) is kept in a Prefect progress artifact."""
@@ -35,14 +35,4 @@ def train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace
         except Exception as e:  # progress reporting must never fail the training
             logger.debug(f"progress artifact not updated: {e}")
 
-    result = run_train(cfg, model, upstream, workspace, log=logger.info, progress=progress)
-    logger.info(f"trained {result.counts['steps']} steps, final loss {result.info['final_loss']:.4f}, "
-                f"MLflow run {result.info['run_id']}")
-    val = result.info.get("val_loss")
-    report(STAGE, result, [f"- MLflow run: `{result.info['run_id']}`",
-                           f"- started from: `{result.info.get('init_from', 'scratch')}`",
-                           f"- parameters: {result.info['num_parameters']:,}",
-                           f"- final train loss: {result.info['final_loss']:.4f}",
-                           f"- skipped (non-finite) steps: {result.info.get('skipped_steps', 0)}",
-                           *([f"- final val loss: {val:.4f}"] if val is not None else [])])
-    return result
+    return run_train(cfg, model, upstream, workspace, log=logger.info, progress=progress)

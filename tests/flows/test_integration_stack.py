@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter,
-                                            DeploymentFilterId, FlowRunFilter, FlowRunFilterId)
+                                            DeploymentFilterId, FlowRunFilter, FlowRunFilterId,
+                                            FlowRunFilterParentFlowRunId)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.cli import notify
@@ -164,11 +165,24 @@ def _trigger(stack, config, workspace: Path, hold: Path | None = None):
         job_variables=job_variables).id
 
 
+def _flow_tree(stack, flow_run_id) -> list:
+    """The flow run and its subflow runs, transitively (the pipeline runs the data flow as one)."""
+    ids, frontier = [flow_run_id], [flow_run_id]
+    while frontier:
+        children = stack["client"].read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+        frontier = [c.id for c in children]
+        ids += frontier
+    return ids
+
+
 def _task_states(stack, flow_run_id, stages: list[str]) -> dict[str, str]:
-    """Stage -> state name of its task run (task runs are recorded asynchronously: wait for all)."""
+    """Stage -> state name of its task run in the flow run or its subflows (task runs are recorded
+    asynchronously: wait for all)."""
     deadline = time.monotonic() + 60
     while True:
-        runs = stack["client"].read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        tree = _flow_tree(stack, flow_run_id)
+        runs = stack["client"].read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=tree)))
         states = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.state and r.state.is_final()}
         states = {k: v for k, v in states.items() if k in stages}
         if len(states) == len(stages) or time.monotonic() > deadline:
@@ -178,7 +192,7 @@ def _task_states(stack, flow_run_id, stages: list[str]) -> dict[str, str]:
 
 def _artifact_keys(stack, flow_run_id) -> set[str]:
     arts = stack["client"].read_artifacts(
-        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=_flow_tree(stack, flow_run_id))))
     return {a.key for a in arts if a.key}
 
 

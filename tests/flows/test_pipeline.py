@@ -12,7 +12,7 @@ import pytest
 import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
-                                            FlowRunFilterId)
+                                            FlowRunFilterId, FlowRunFilterParentFlowRunId)
 from prefect.testing.utilities import prefect_test_harness
 
 import tasks.core.protocol
@@ -73,14 +73,28 @@ def _run(cfg, ws):
     return state.result(), state.state_details.flow_run_id
 
 
+def _flow_tree(client, flow_run_id) -> list:
+    """The flow run and its subflow runs, transitively (neo_pipeline runs the data and train flows)."""
+    ids, frontier = [flow_run_id], [flow_run_id]
+    while frontier:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+        frontier = [c.id for c in children]
+        ids += frontier
+    return ids
+
+
 def _stage_names(flow_run_id, expected: int = len(STAGES)) -> dict[str, str]:
-    """Stage -> final state name, from the task run names (`<stage>-<fingerprint>`)."""
+    """Stage -> final state name, from the task run names (`<stage>-<fingerprint>`) in the flow run
+    and its subflow runs."""
     import time
 
     deadline = time.time() + 30
     with get_client(sync_client=True) as client:
         while True:  # task-run states are written asynchronously: wait until every run has one
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            tree = _flow_tree(client, flow_run_id)
+            runs = [r for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=tree)))
+                    if r.name.rsplit("-", 1)[0] in STAGES]
             done = len(runs) >= expected and all(r.state is not None and r.state.is_final() for r in runs)
             if done or time.time() > deadline:
                 break
@@ -153,7 +167,7 @@ def test_prefect_records_one_completed_task_run_per_stage(first_run):
     assert {n: r.name for n, r in runs.items()} == {n: f"{n}-{fps[n][:10]}" for n in STAGES}
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[first_run["flow_run_id"]])))
+            flow_run_id=ArtifactFilterFlowRunId(any_=_flow_tree(client, first_run["flow_run_id"]))))
     reports = {a.key: a for a in arts if a.key and a.key.endswith("-report")}
     assert set(reports) == {f"{n}-report" for n in STAGES}
     link = next(a for a in arts if a.key == "registered-model")
@@ -164,8 +178,8 @@ def test_prefect_records_one_completed_task_run_per_stage(first_run):
 def test_registered_model_generates_text(first_run):
     import mlflow
 
-    tracking.use_workspace(first_run["ws"])
-    gen = mlflow.pyfunc.load_model(f"models:/{first_run['cfg'].registry.model_name}@champion")
+    with tracking.fluent(first_run["ws"]):
+        gen = mlflow.pyfunc.load_model(f"models:/{first_run['cfg'].registry.model_name}@champion")
     out = gen.predict({"prompt": ["def alpha"]}, params={"max_new_tokens": 8, "seed": 1})
     assert len(out) == 1 and isinstance(out[0], str) and len(out[0]) > 0
 
@@ -196,7 +210,7 @@ def test_train_eval_register_flow_reuses_the_same_stages(first_run, tmp_path):
     state = neo_train_eval_register(tokens_dir=tokens.path, config=first_run["cfg"],
                                     workspace=str(first_run["ws"]), return_state=True)
     assert state.is_completed()
-    assert state.result().fingerprint == first_run["summary"].stages["register"].fingerprint
+    assert state.result()["register"].fingerprint == first_run["summary"].stages["register"].fingerprint
     states, _ = _stage_names(state.state_details.flow_run_id, expected=3)
     assert states == {"train": "Cached", "evaluate": "Cached", "register": "Cached"}
 
@@ -339,7 +353,7 @@ def test_mlflow_models_serve_round_trip(first_run, tmp_path):
             served = json.loads(r.read())["predictions"]
     finally:
         stop_process(proc, 30)
-    tracking.use_workspace(first_run["ws"])
-    local = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict({"prompt": ["def ", "import "]},
-                                                                        params=params)
+    with tracking.fluent(first_run["ws"]):
+        local = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict({"prompt": ["def ", "import "]},
+                                                                            params=params)
     assert served == local and len(served) == 2 and all(isinstance(t, str) for t in served)

@@ -25,7 +25,7 @@ from tasks.core.protocol import MANIFEST, read_manifest  # noqa: E402
 
 BUCKET = "neo-ws"
 URL = f"s3://{BUCKET}/team/ws"
-STAGE_DIRS = {"download": "raw", "clean": "clean", "dedup": "dedup", "tokenize": "tokens"}
+DATA_STAGES = ("download", "clean", "dedup", "tokenize")  # each stage's output folder is its name
 KEYS = {"AWS_ACCESS_KEY_ID": "AKIDNEOTEST", "AWS_SECRET_ACCESS_KEY": "neo-test-secret",
         "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -91,7 +91,7 @@ def test_data_flow_on_s3_workspace(s3, corpus, tmp_path, monkeypatch):
             assert Path(result.path).is_relative_to(tmp_path / "cache-a")
             assert result.fingerprint == local[stage].fingerprint and result.counts == local[stage].counts
             remote = _remote(s3, result)
-            assert remote == f"{BUCKET}/team/ws/{STAGE_DIRS[stage]}/{result.fingerprint}"
+            assert remote == f"{BUCKET}/team/ws/{stage}/{result.fingerprint}"
             manifest = json.loads(s3.cat_file(f"{remote}/{MANIFEST}"))
             assert manifest == read_manifest(Path(result.path))
             listed = {p.removeprefix(remote + "/"): info["size"]
@@ -111,10 +111,10 @@ def test_data_flow_on_s3_workspace(s3, corpus, tmp_path, monkeypatch):
         # Machine B: a fresh local cache reuses every stage from the bucket, computing nothing.
         _machine(monkeypatch, tmp_path / "cache-b")
         second = run_data(cfg, URL)
-        assert {s: r.reused for s, r in second.items()} == dict.fromkeys(STAGE_DIRS, True)
+        assert {s: r.reused for s, r in second.items()} == dict.fromkeys(DATA_STAGES, True)
         assert {s: r.counts for s, r in second.items()} == {s: r.counts for s, r in first.items()}
         copy_b = storage.local_root(URL)
-        assert copy_b.is_relative_to(tmp_path / "cache-b") and (copy_b / "tokens").is_dir()
+        assert copy_b.is_relative_to(tmp_path / "cache-b") and (copy_b / "tokenize").is_dir()
         assert not (copy_b / "clean" / "shards").exists()  # no shard was cleaned or signed
         assert not (copy_b / "dedup" / "signatures").exists()
         assert _token_hashes(read_manifest(Path(second["tokenize"].path))) == shards
@@ -123,12 +123,12 @@ def test_data_flow_on_s3_workspace(s3, corpus, tmp_path, monkeypatch):
         s3.rm_file(f"{tokens}/{MANIFEST}")
         _machine(monkeypatch, tmp_path / "cache-c")
         third = run_data(cfg, URL)
-    assert {s: r.reused for s, r in third.items()} == {**dict.fromkeys(STAGE_DIRS, True), "tokenize": False}
+    assert {s: r.reused for s, r in third.items()} == {**dict.fromkeys(DATA_STAGES, True), "tokenize": False}
     assert _token_hashes(json.loads(s3.cat_file(f"{tokens}/{MANIFEST}"))) == shards  # uploaded again
 
     # A complete manifest over a damaged file is not trusted either: wrong size, then wrong bytes.
     _machine(monkeypatch, tmp_path / "cache-d")
-    target = Path(storage.attach(URL)) / "tokens" / first["tokenize"].fingerprint
+    target = Path(storage.attach(URL)) / "tokenize" / first["tokenize"].fingerprint
     rel, url = min(shards), storage.remote_url(target)
     good = s3.cat_file(f"{tokens}/{rel}")
     s3.pipe_file(f"{tokens}/{rel}", good[:-1])
@@ -139,7 +139,7 @@ def test_data_flow_on_s3_workspace(s3, corpus, tmp_path, monkeypatch):
     assert read_manifest(target) is None and not target.exists()  # ... the sha256 does not
     s3.pipe_file(f"{tokens}/{rel}", good)
     # What `retrain` hands the gpu pool: the token directory's URL, fetched on first use.
-    fetched = tokens_result(storage.localize(f"{URL}/tokens/{first['tokenize'].fingerprint}"))
+    fetched = tokens_result(storage.localize(f"{URL}/tokenize/{first['tokenize'].fingerprint}"))
     assert Path(fetched.path) == target and fetched.counts == first["tokenize"].counts
     assert (target / rel).read_bytes() == good
 

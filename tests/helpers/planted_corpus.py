@@ -102,7 +102,7 @@ def write_clean_upstream(docs: list[dict], root: Path, per_shard: int) -> StageR
 def write_raw_upstream(docs: list[dict], root: Path, per_shard: int) -> StageResult:
     """A complete download-stage directory of zstd jsonl shards of `per_shard` documents."""
     fp = stable_hash([d["id"] for d in docs] + [d["text"] for d in docs] + [per_shard])
-    directory = Path(root) / "raw" / fp
+    directory = Path(root) / "download" / fp
     prepare_dir(directory)
     entries = []
     for i in range(0, len(docs), per_shard):

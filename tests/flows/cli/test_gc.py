@@ -21,18 +21,20 @@ def _stage(ws, dirname, fp, days_old, now):
 
 def test_gc_keeps_referenced_and_recent_outputs(tmp_path):
     ws, now = tmp_path / "ws", time.time()
-    old_used = _stage(ws, "tokens", "aaaa", 30, now)
-    old_unused = _stage(ws, "tokens", "bbbb", 30, now)
-    old_run = _stage(ws, "runs", "cccc", 30, now)
-    recent = _stage(ws, "clean", "dddd", 1, now)
+    used, unused, run_fp, recent_fp = ("a" * 16, "b" * 16, "c" * 16, "d" * 16)
+    old_used = _stage(ws, "tokenize", used, 30, now)
+    old_unused = _stage(ws, "tokenize", unused, 30, now)
+    old_run = _stage(ws, "train", run_fp, 30, now)
+    recent = _stage(ws, "clean", recent_fp, 1, now)
+    units = [_stage(ws, "clean", "shards", 30, now), _stage(ws, "dedup", "scratch", 30, now)]
     c = tracking.client(ws)
     exp = tracking.experiment_id(c, "x", ws)
     run = c.create_run(exp)
     c.create_registered_model("m")
     c.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id,
-                           tags={"neo.fp.tokenize": "aaaa"})
+                           tags={"neo.fp.tokenize": used})
     refs = gc.referenced_fingerprints(c)
-    assert "aaaa" in refs
+    assert used in refs
     found = gc.collect(ws, refs, keep_days=7, now=now)
     assert {f.path for f in found} == {old_unused, old_run}
     assert all(f.bytes == 1002 for f in found)
@@ -44,4 +46,4 @@ def test_gc_keeps_referenced_and_recent_outputs(tmp_path):
     real = runner.invoke(app, ["gc", "-w", str(ws), "--yes"])
     assert real.exit_code == 0 and "removed 2 directories" in real.output, real.output
     assert not old_unused.exists() and not old_run.exists()
-    assert old_used.exists() and recent.exists()
+    assert old_used.exists() and recent.exists() and all(u.exists() for u in units)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from planted_corpus import base_doc, vocabulary, write_raw_upstream
-from tasks.clean.stage import plan, report_lines, run_clean
+from tasks.clean.stage import describe, plan, run_clean
 from tasks.core.units import iter_parquet_docs
 from tasks.core.data_config import CleanConfig
 from tasks.core.protocol import MANIFEST, read_manifest, sha256_file
@@ -157,7 +157,7 @@ def test_incomplete_upstream_is_refused(raw, tmp_path):
 
 
 def test_stage_report_has_reasons_removed_lines_and_timings(result):
-    lines = report_lines(result)
+    lines = describe(result)[1]
     assert "| c4_sentences | 1 |" in lines and "| c4_lines_left | 1 |" in lines and "| empty | 1 |" in lines
     assert "'c4_no_terminal_punct': 61" in next(line for line in lines if "C4 line rules" in line)
     timings = result.info["timings"]

@@ -14,7 +14,7 @@ import pytest
 from planted_corpus import jaccard, planted, write_clean_upstream
 from tasks.core.units import iter_parquet_docs
 from tasks.core.data_config import DedupConfig
-from tasks.dedup.stage import plan, report_lines, run_dedup, text_key
+from tasks.dedup.stage import describe, plan, run_dedup, text_key
 from tasks.core.units import pool_map
 from tasks.core.protocol import MANIFEST, read_manifest, sha256_file
 
@@ -178,7 +178,7 @@ def test_global_step_in_many_small_partitions_gives_the_same_output(cleaned, res
 
 
 def test_stage_report_has_rate_kinds_histogram_and_timings(result):
-    lines = report_lines(result)
+    lines = describe(result)[1]
     c, info = result.counts, result.info
     assert lines[0].startswith(f"- duplicate rate: {c['duplicates'] / c['docs_in']:.1%} ")
     assert f"| removed: exact duplicate | {info['exact']:,} |" in lines

@@ -261,7 +261,7 @@ def test_https_sources_verified_parallel_and_redacted(origin, tmp_path):
         if p.is_file() and not p.name.endswith(".zst"):
             assert b"pa55word" not in p.read_bytes(), p
     assert all(c.is_relative_to(tmp_path / "ws" / CACHE_DIR)
-               for c in (tmp_path / "ws").rglob("*.jsonl.zst") if "raw" not in c.parts)
+               for c in (tmp_path / "ws").rglob("*.jsonl.zst") if "download" not in c.parts)
 
 
 def test_https_checksum_mismatch_and_404_fail_clearly(origin, tmp_path):

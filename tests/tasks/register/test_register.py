@@ -80,7 +80,9 @@ def test_gate_all_branches_and_rollback(ws, tokens):
     run = c.get_run(short.info["run_id"])
     assert run.data.params == params
     assert run.data.tags["prefect.flow_run_id"] == "fr-short"
-    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"tokenize", "train", "evaluate"}
+    # the whole chain: the token stage's manifest names the (here hand-made) dedup output it read
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"dedup", "tokenize", "train", "evaluate"}
+    assert mv.tags["neo.fp.dedup"] == tokens.lineage["dedup"] == "d" * 16
     assert {i.dataset.digest for i in run.inputs.dataset_inputs} >= {tokens.fingerprint, short.fingerprint}
     assert {a.path for a in c.list_artifacts(short.info["run_id"])} >= {"eval", "hf_model", "lineage"}
 

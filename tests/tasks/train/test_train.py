@@ -1,15 +1,17 @@
 """Train stage: schedule, decay groups, accumulation, z-loss, NaN handling, exact resume in the same
-MLflow run, init_from. Runs the loop in-process (fast); tests/tasks/test_trainer_subprocess.py covers
+MLflow run, init_from. Runs the loop in-process (fast); tests/tasks/train/test_trainer_subprocess.py covers
 the subprocess, SIGKILL and torchrun paths."""
 
-import numpy as np
+import json
+
 import pytest
 from registry_helpers import word_tokens
 import torch
 from safetensors.torch import load_file
 
 import tasks.train.stage as train_mod
-from tasks.train import trainer
+from tasks.train import faults, maths
+from tasks.train.spec import TrainSpec
 from tasks.core import tracking
 from tasks.core.train_config import ModelConfig, TrainConfig
 from tasks.core.protocol import StageResult
@@ -25,21 +27,11 @@ def tokens(tmp_path_factory) -> StageResult:
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
-    assert train_mod.lr_at(0, cfg) == pytest.approx(0.1)
-    assert train_mod.lr_at(9, cfg) == pytest.approx(1.0)
-    assert train_mod.lr_at(10, cfg) == pytest.approx(1.0)
-    assert train_mod.lr_at(60, cfg) == pytest.approx(0.55)
-    assert train_mod.lr_at(110, cfg) == pytest.approx(0.1)
-
-
-def test_batches_depend_only_on_step_and_cover_each_epoch():
-    n, bs = 10, 4
-    first = [train_mod.batch_indices(s, bs, n, seed=3) for s in range(5)]  # 20 samples = 2 epochs
-    again = [train_mod.batch_indices(s, bs, n, seed=3) for s in range(5)]
-    assert all((a == b).all() for a, b in zip(first, again))
-    flat = np.concatenate(first)
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
-    assert not (flat[:10] == flat[10:]).all(), "each epoch gets its own permutation"
+    assert maths.lr_at(0, cfg) == pytest.approx(0.1)
+    assert maths.lr_at(9, cfg) == pytest.approx(1.0)
+    assert maths.lr_at(10, cfg) == pytest.approx(1.0)
+    assert maths.lr_at(60, cfg) == pytest.approx(0.55)
+    assert maths.lr_at(110, cfg) == pytest.approx(0.1)
 
 
 def _cfg(**kw):
@@ -64,7 +56,7 @@ def _losses(ws, run_id):
 
 def test_decay_only_on_matrices():
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    opt = train_mod.make_optimizer(net, _cfg(weight_decay=0.1), torch.device("cpu"))
+    opt = maths.make_optimizer(net, _cfg(weight_decay=0.1), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert [tuple(p.shape) for p in decay["params"]] == [(4, 4)]
@@ -75,19 +67,48 @@ def test_z_loss_adds_squared_logsumexp():
     logits = torch.randn(2, 3, 5)
     y = torch.randint(0, 5, (2, 3))
     model = lambda x, targets: (logits, torch.nn.functional.cross_entropy(logits.view(-1, 5), targets.view(-1)))
-    ce, obj = trainer.step_loss(model, None, y, 0.0)
+    ce, obj = maths.step_loss(model, None, y, 0.0)
     assert obj is ce
-    ce, obj = trainer.step_loss(model, None, y, 1e-2)
+    ce, obj = maths.step_loss(model, None, y, 1e-2)
     want = ce + 1e-2 * torch.logsumexp(logits, -1).pow(2).mean()
     torch.testing.assert_close(obj, want)
 
 
 def test_batch_shape_and_token_budget():
-    assert trainer.batch_shape(_cfg(batch_size=8, micro_batch_size=2), 32, 2) == (8, 4, 2)
-    assert trainer.batch_shape(_cfg(batch_tokens=100), 32, 1) == (4, 4, 1)
-    assert trainer.total_steps(_cfg(max_tokens=1000), 4, 32) == 8
+    assert maths.batch_shape(_cfg(batch_size=8, micro_batch_size=2), 32, 2) == (8, 4, 2)
+    assert maths.batch_shape(_cfg(batch_tokens=100), 32, 1) == (4, 4, 1)
+    assert maths.total_steps(_cfg(max_tokens=1000), 4, 32) == 8
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         TrainConfig(batch_size=6, micro_batch_size=4)
+
+
+def test_train_spec_round_trips_through_its_json_file(tmp_path):
+    spec = TrainSpec(train=_cfg(z_loss=1e-4, peak_flops=1.5e12, micro_batch_size=2), model={"vocab_size": 300},
+                     tokens_dir="/tokens", out_dir="/run", workspace="/ws", run_id="abc", fingerprint="f" * 16)
+    path = spec.write(tmp_path / "train_spec.json")
+    assert TrainSpec.read(path) == spec
+    on_disk = json.loads(path.read_text())  # the layout of the spec files older runs left behind
+    assert list(on_disk) == ["train", "model", "tokens_dir", "out_dir", "workspace", "run_id", "fingerprint",
+                             "init_dir"]
+    assert on_disk["train"] == spec.train.model_dump(mode="json") and on_disk["init_dir"] is None
+
+
+def test_faults_come_from_the_environment(monkeypatch):
+    for name in (faults.KILL_AT, faults.FAIL_AT, faults.NAN_AT):
+        monkeypatch.delenv(name, raising=False)
+    assert faults.Faults.from_env() == faults.Faults()
+    monkeypatch.setenv(faults.FAIL_AT, "3")
+    monkeypatch.setenv(faults.NAN_AT, "4, 5")
+    f = faults.Faults.from_env()
+    assert f == faults.Faults(fail_at=3, nan_steps=frozenset({4, 5}))
+    f.before_step(3, resumed=True)  # a resumed run gets past the step it failed at
+    f.before_step(2, resumed=False)
+    with pytest.raises(RuntimeError, match="injected failure before step 3"):
+        f.before_step(3, resumed=False)
+    one = torch.tensor(1.0)
+    ce, obj = f.poison(3, one, one)
+    assert ce is one and obj is one
+    assert all(t.isnan() for t in f.poison(4, one, one))
 
 
 def test_accumulation_equals_one_big_batch(tokens, tmp_path):
@@ -105,10 +126,10 @@ def test_crash_then_resume_gives_identical_weights_and_same_run(tokens, tmp_path
     straight = train_mod.run_train(_cfg(val_every=4), MODEL, tokens, str(tmp_path / "a"), **QUIET)
     ref = _weights(straight)
     ws = str(tmp_path / "b")
-    monkeypatch.setenv(trainer.FAIL_AT, "7")
+    monkeypatch.setenv(faults.FAIL_AT, "7")
     with pytest.raises(RuntimeError, match="injected failure before step 7"):
         train_mod.run_train(_cfg(val_every=4), MODEL, tokens, ws, **QUIET)
-    monkeypatch.delenv(trainer.FAIL_AT)
+    monkeypatch.delenv(faults.FAIL_AT)
     logs = []
     resumed = train_mod.run_train(_cfg(val_every=4), MODEL, tokens, ws, log=logs.append)
     assert any("resuming" in m and "step 6" in m for m in logs), logs
@@ -142,14 +163,14 @@ def test_rerun_of_finished_training_is_reused(tokens, tmp_path):
 
 
 def test_nan_steps_are_skipped_and_counted(tokens, tmp_path, monkeypatch):
-    monkeypatch.setenv(trainer.NAN_AT, "4,5")
+    monkeypatch.setenv(faults.NAN_AT, "4,5")
     res = train_mod.run_train(_cfg(nan_tolerance=3), MODEL, tokens, str(tmp_path), **QUIET)
     assert res.counts["steps"] == 8 and res.info["skipped_steps"] == 2
     assert all(torch.isfinite(t).all() for t in _weights(res).values())
 
 
 def test_consecutive_nans_stop_with_a_clear_error_and_keep_checkpoints(tokens, tmp_path, monkeypatch):
-    monkeypatch.setenv(trainer.NAN_AT, "4,5,6,7")
+    monkeypatch.setenv(faults.NAN_AT, "4,5,6,7")
     with pytest.raises(FloatingPointError, match=r"3 consecutive steps .*step 7.*checkpoint \(step 3\)"):
         train_mod.run_train(_cfg(nan_tolerance=3), MODEL, tokens, str(tmp_path), **QUIET)
     fp, out = train_mod.plan(_cfg(nan_tolerance=3), MODEL, tokens, str(tmp_path))

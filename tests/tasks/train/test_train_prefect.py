@@ -12,7 +12,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from tasks.train.task import train as train_task
 from tasks.core import tracking
-from tasks.train import trainer
+from tasks.train import faults
 from tasks.core.train_config import ModelConfig, TrainConfig
 from tasks.core.protocol import StageResult
 
@@ -24,7 +24,7 @@ def tokens(tmp_path_factory) -> StageResult:
 
 def test_retry_resumes_from_checkpoint_and_logs_reach_prefect(tokens, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv(trainer.FAIL_AT, "3")  # fires only in a run that did not resume
+    monkeypatch.setenv(faults.FAIL_AT, "3")  # fires only in a run that did not resume
     cfg = TrainConfig(max_steps=4, batch_size=4, warmup_steps=1, log_every=1, checkpoint_every=2,
                       seed=3, device="cpu", threads=1)
     model = ModelConfig(preset="debug", overrides={"max_position_embeddings": 64})

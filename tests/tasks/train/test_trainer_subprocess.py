@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import tasks.train.stage as train_mod
 from neo_model import GPTNeo
 from tasks.core import tracking
-from tasks.train import trainer
+from tasks.train import faults
 from tasks.core.train_config import ModelConfig, TrainConfig
 from flows.cli.procs import free_port
 from tasks.core.protocol import StageResult
@@ -73,7 +73,7 @@ def ddp_run(tokens, tmp_path_factory, shared_mlflow):
     ws = tmp_path_factory.mktemp("ddp")
     lines = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(trainer.FAIL_AT, "5")
+        mp.setenv(faults.FAIL_AT, "5")
         with pytest.raises(RuntimeError, match="injected failure before step 5"):
             train_mod.run_train(_cfg(nproc=2), MODEL, tokens, str(ws), log=lines.append)
     fp, out = train_mod.plan(_cfg(nproc=2), MODEL, tokens, str(ws))
@@ -85,7 +85,8 @@ def ddp_run(tokens, tmp_path_factory, shared_mlflow):
 
 def test_training_entry_does_not_import_prefect():
     """The training subprocess starts without Prefect (seconds per start), MLflow or tokenizers."""
-    code = ("import sys, tasks.train.entry, tasks.train.trainer, tasks.train.loader; "
+    code = ("import sys, tasks.train.entry, tasks.train.trainer, tasks.train.loader, tasks.train.spec, "
+            "tasks.train.faults, tasks.train.meter; "
             "print([m for m in ('prefect', 'mlflow', 'tokenizers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[3])
@@ -95,12 +96,12 @@ def test_training_entry_does_not_import_prefect():
 
 def test_sigkill_then_resume_is_bit_identical(tokens, ref, tmp_path, monkeypatch):
     ws = str(tmp_path / "b")
-    monkeypatch.setenv(trainer.KILL_AT, "3")  # checkpoint at step 2, killed before step 3 (step 3 not saved)
+    monkeypatch.setenv(faults.KILL_AT, "3")  # checkpoint at step 2, killed before step 3 (step 3 not saved)
     lines = []
     with pytest.raises(RuntimeError, match="killed by signal 9"):
         train_mod.run_train(_cfg(), MODEL, tokens, ws, log=lines.append)
     assert any(line.startswith("step 2/6 loss") for line in lines), lines  # streamed from the child
-    monkeypatch.delenv(trainer.KILL_AT)
+    monkeypatch.delenv(faults.KILL_AT)
     logs = []  # resumed in-process: one subprocess start fewer; the reference ran in-process too
     res = train_mod.run_train(_cfg(in_process=True), MODEL, tokens, ws, log=logs.append)
     assert any("resuming" in m and "step 2" in m for m in logs), logs
@@ -141,10 +142,10 @@ def test_fsdp_equals_ddp_and_its_checkpoint_loads_in_one_process(tokens, ref, dd
     values, logits included) and resumes on one process to the reference's end."""
     ws = str(tmp_path / "fsdp")
     lines = []
-    monkeypatch.setenv(trainer.FAIL_AT, "5")
+    monkeypatch.setenv(faults.FAIL_AT, "5")
     with pytest.raises(RuntimeError, match="injected failure before step 5"):
         train_mod.run_train(_cfg(nproc=2, parallel="fsdp"), MODEL, tokens, ws, log=lines.append)
-    monkeypatch.delenv(trainer.FAIL_AT)
+    monkeypatch.delenv(faults.FAIL_AT)
     assert any("on 2 x cpu (FSDP)" in line for line in lines), lines
     fp, out = train_mod.plan(_cfg(nproc=2, parallel="fsdp"), MODEL, tokens, ws)
     assert fp == ref["result"].fingerprint  # parallel and nproc are not part of the fingerprint
