@@ -10,7 +10,7 @@ Two ways to run the per-shard units (`tasks/core/units.py`), with byte-identical
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Optional
 
 from prefect import flow, task
 from prefect.runtime import flow_run
@@ -19,7 +19,7 @@ from tasks.clean.shard import clean_shard
 from tasks.clean.stage import describe as describe_clean, run_clean
 from tasks.clean.task import clean
 from tasks.core import storage
-from tasks.core.config import PipelineConfig, default_workspace
+from tasks.core.config import PipelineConfig, default_workspace, resolve_config
 from tasks.core.prefect_stage import report
 from tasks.core.protocol import StageResult
 from tasks.dedup.shard import signature_shard, write_dedup_shard
@@ -70,22 +70,29 @@ def run_task(stage_task: Any, *args: Any) -> StageResult:
 
 
 def run_name(prefix: str):
-    """A flow-run namer: `<prefix>-<config name>`, so runs say what they ran."""
+    """A flow-run namer: `<prefix>-<preset or config name>`, so runs say what they ran."""
     def name() -> str:
         cfg = flow_run.parameters.get("config")
-        label = cfg.get("name") if isinstance(cfg, dict) else getattr(cfg, "name", None)
+        label = flow_run.parameters.get("preset") or (
+            cfg.get("name") if isinstance(cfg, dict) else getattr(cfg, "name", None))
         return f"{prefix}-{label or 'default'}"
 
     return name
 
 
+Overrides = Optional[dict[str, Any]]
+"""Deployment parameter `overrides`: {"section.key": value}, applied like `neo run --set`."""
+
+
 @flow(name="neo_data", flow_run_name=run_name("data"), log_prints=True)
 def neo_data(config: PipelineConfig = PipelineConfig(), workspace: str | None = None,
-             per_shard_tasks: bool = False,
-             through: Literal["dedup", "tokenize"] = "tokenize") -> dict[str, StageResult]:
-    """Prepare training data: raw shards, cleaned, de-duplicated and tokenized. `workspace` may be
-    an fsspec URL (e.g. s3://bucket/prefix): stages then compute in a local working copy and share
-    their outputs through it (`tasks/core/storage.py`)."""
+             per_shard_tasks: bool = False, through: Literal["dedup", "tokenize"] = "tokenize",
+             preset: Optional[str] = None, overrides: Overrides = None) -> dict[str, StageResult]:
+    """Prepare training data: raw shards, cleaned, de-duplicated and tokenized. `preset` (a name in
+    configs/) with `overrides` replaces `config` when given. `workspace` may be an fsspec URL (e.g.
+    s3://bucket/prefix): stages then compute in a local working copy and share their outputs through
+    it (`tasks/core/storage.py`)."""
+    config = resolve_config(config, preset, overrides)  # a bad preset or key fails before any work
     ws = storage.attach(workspace or str(default_workspace()))
     raw = run_task(download, config.corpus, ws)
     if per_shard_tasks:

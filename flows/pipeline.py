@@ -7,13 +7,15 @@ section, and passes a small `StageResult` (fingerprint, path, counts) to the nex
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.data import neo_data, run_name
+from flows.data import Overrides, neo_data, run_name
 from flows.train import neo_train_eval_register
 from tasks.core import storage
-from tasks.core.config import PipelineConfig, default_workspace
+from tasks.core.config import PipelineConfig, default_workspace, resolve_config
 from tasks.core.protocol import StageResult
 
 
@@ -52,14 +54,17 @@ def _hold_while_file_exists() -> None:
 
 @flow(name="neo_pipeline", flow_run_name=run_name("neo"), log_prints=True)
 def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | None = None,
-                 train_deployment: str | None = None) -> PipelineSummary:
-    """Pre-train and register a GPT-Neo model from a text corpus, end to end.
+                 train_deployment: str | None = None, preset: Optional[str] = None,
+                 overrides: Overrides = None) -> PipelineSummary:
+    """Pre-train and register a GPT-Neo model from a text corpus, end to end. `preset` (a name in
+    configs/, e.g. "debug") with `overrides` ({"train.max_steps": 800}) replaces `config` when given.
 
     With `train_deployment` (e.g. "neo_train_eval_register/train-eval-register"), training,
     evaluation and registration run as that deployment (on its work pool, e.g. GPU workers) once the
     data stages are done here; the workspace must then be storage both pools can reach (an fsspec
     URL such as s3://bucket/prefix; the token directory is handed over as its URL there).
     """
+    config = resolve_config(config, preset, overrides)  # a bad preset or key fails before any work
     _hold_while_file_exists()
     shared = workspace or str(default_workspace())
     data = neo_data(config, shared)

@@ -8,12 +8,13 @@ directory's manifest records, whichever way the run came here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from prefect import flow
 
-from flows.data import run_name, run_task
+from flows.data import Overrides, run_name, run_task
 from tasks.core import storage
-from tasks.core.config import PipelineConfig, default_workspace, redacted_params
+from tasks.core.config import PipelineConfig, default_workspace, redacted_params, resolve_config
 from tasks.core.protocol import StageResult, read_manifest, result_from_manifest
 from tasks.evaluate.task import evaluate
 from tasks.register.task import register
@@ -33,8 +34,11 @@ def tokens_result(tokens_dir: str | Path) -> StageResult:
 # persist_result: `retrain` reads this run's result (the three stage results) after handing over to it.
 @flow(name="neo_train_eval_register", flow_run_name=run_name("train"), log_prints=True, persist_result=True)
 def neo_train_eval_register(tokens_dir: str, config: PipelineConfig = PipelineConfig(),
-                            workspace: str | None = None) -> dict[str, StageResult]:
-    """Train GPT-Neo on existing token shards, evaluate it and run the registry gate."""
+                            workspace: str | None = None, preset: Optional[str] = None,
+                            overrides: Overrides = None) -> dict[str, StageResult]:
+    """Train GPT-Neo on existing token shards, evaluate it and run the registry gate (`preset` with
+    `overrides` replaces `config` when given)."""
+    config = resolve_config(config, preset, overrides)  # a bad preset or key fails before any work
     ws = storage.attach(workspace or str(default_workspace()))
     tokens = tokens_result(storage.localize(tokens_dir))  # a URL: fetched from shared storage
     trained = run_task(train, config.train, config.model, tokens, ws)

@@ -109,8 +109,9 @@ def verify(workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) 
         raise typer.Exit(1)
 
 
-def _registry_client(workspace: Optional[Path]):
-    """MLflow client on `MLFLOW_TRACKING_URI`, else the workspace's SQLite store."""
+def _registry_client(workspace: Optional[Path], required: bool = True):
+    """MLflow client on `MLFLOW_TRACKING_URI`, else the workspace's SQLite store, which must exist:
+    these verbs read a registry, they never create one (a mistyped -w fails, naming the path)."""
     import os
 
     from flows.cli.runtime import OFFLINE_DEFAULTS
@@ -118,9 +119,30 @@ def _registry_client(workspace: Optional[Path]):
     for k, v in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(k, v)
     ws = (workspace or default_workspace()).resolve()
+    db = ws / "mlflow" / "mlflow.db"
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not db.is_file():
+        if not required:
+            return None
+        _fail(f"no MLflow registry at {db} (workspace {ws}): run `neo run` there first, pass the "
+              "workspace with -w, or set MLFLOW_TRACKING_URI")
     from tasks.core import tracking
 
     return tracking.client(ws)
+
+
+@contextlib.contextmanager
+def _registry_errors():
+    """Expected registry failures as one `error:` line and exit 2 (no traceback)."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.register.registry import RegistryError
+
+    try:
+        yield
+    except (RegistryError, ValueError) as exc:
+        _fail(str(exc))
+    except MlflowException as exc:
+        _fail(str(exc.message).splitlines()[0])
 
 
 @app.command()
@@ -129,7 +151,10 @@ def models(name: str = typer.Argument(..., help="Registered model name."),
     """List a registered model's versions with aliases, bits-per-byte and gate decisions."""
     from tasks.register import registry
 
-    rows = registry.list_versions(_registry_client(workspace), name)
+    with _registry_errors():
+        c = _registry_client(workspace)
+        registry.require_version(c, name)
+        rows = registry.list_versions(c, name)
     if not rows:
         _fail(f"no versions of model {name!r}")
     typer.echo(f"{'version':>7}  {'aliases':<28} {'val_bpb':>8}  decision")
@@ -144,7 +169,8 @@ def promote(name: str, version: str, workspace: Optional[Path] = typer.Option(No
     """Make VERSION the champion; the current champion becomes previous-champion."""
     from tasks.register import registry
 
-    old = registry.promote(_registry_client(workspace), name, version, reason)
+    with _registry_errors():
+        old = registry.promote(_registry_client(workspace), name, version, reason)
     typer.echo(f"{name}: version {version} is @champion" + (f" (was {old}, now @previous-champion)"
                                                            if old and old != version else ""))
 
@@ -154,10 +180,8 @@ def rollback(name: str, workspace: Optional[Path] = typer.Option(None, "-w", "--
     """Give @champion back to @previous-champion."""
     from tasks.register import registry
 
-    try:
+    with _registry_errors():
         demoted, restored = registry.rollback(_registry_client(workspace), name)
-    except ValueError as exc:
-        _fail(str(exc))
     typer.echo(f"{name}: version {restored} is @champion again (version {demoted} rolled back)")
 
 
@@ -166,6 +190,7 @@ def export_hf(model: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION, o
               out: Path = typer.Argument(..., help="Destination directory."),
               workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
     """Write a Hugging Face directory (GPTNeoForCausalLM + PreTrainedTokenizerFast files)."""
+    from tasks.register import registry
     from tasks.train.export import copy_export
 
     if Path(model).is_dir():
@@ -176,14 +201,17 @@ def export_hf(model: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION, o
         import mlflow
 
         c = _registry_client(workspace)
-        if "@" in model:
-            name, alias = model.split("@", 1)
-            mv = c.get_model_version_by_alias(name, alias)
-        elif "/" in model:
-            name, version = model.split("/", 1)
-            mv = c.get_model_version(name, version)
-        else:
-            _fail(f"{model!r}: expected NAME@ALIAS, NAME/VERSION or a directory")
+        with _registry_errors():
+            if "@" in model:
+                name, alias = model.split("@", 1)
+                registry.require_version(c, name)
+                mv = c.get_model_version_by_alias(name, alias)
+            elif "/" in model:
+                name, version = model.split("/", 1)
+                registry.require_version(c, name, version)
+                mv = c.get_model_version(name, version)
+            else:
+                _fail(f"{model!r}: expected NAME@ALIAS, NAME/VERSION or a directory")
         with tempfile.TemporaryDirectory() as tmp:
             src = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="hf_model", dst_path=tmp,
                                                       tracking_uri=c.tracking_uri)
@@ -201,7 +229,8 @@ def gc(workspace: Optional[Path] = typer.Option(None, "-w", "--workspace"),
     from flows.cli import gc as retention
 
     ws = (workspace or default_workspace()).resolve()
-    refs = retention.referenced_fingerprints(_registry_client(ws))
+    client = _registry_client(ws, required=False)  # no registry yet: nothing is referenced
+    refs = retention.referenced_fingerprints(client) if client is not None else set()
     found = retention.collect(ws, refs, keep_days, include_cache)
     for cand in found:
         typer.echo(f"{'remove' if yes else 'would remove'} {cand.path}  ({cand.stage}, "

@@ -87,6 +87,34 @@ def _apply(data: dict, path: list[str], value: Any) -> None:
 
 def load_config(preset: str | Path = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Preset YAML (a name in configs/ or a path) + `section.key=value` overrides -> PipelineConfig."""
+    data = _preset_data(preset)
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply(data, keys, value)
+    return _validate(data)
+
+
+def resolve_config(config: PipelineConfig | None = None, preset: str | None = None,
+                   overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """What a flow run runs: the `preset` (a name in configs/ or a YAML path), or else `config`,
+    with `overrides` ({"train.max_steps": 800}, values already typed) applied; validated like
+    `neo run --set`, with the same errors. Deployment parameters use this, so `preset: debug` runs
+    the debug preset instead of defaults labelled "debug"."""
+    if preset is not None:
+        data = _preset_data(preset)
+    else:
+        data = (config or PipelineConfig()).model_dump()  # python mode: secrets stay SecretStr
+        if not overrides:
+            return config or PipelineConfig()
+    for key, value in (overrides or {}).items():
+        path = [p for p in str(key).split(".") if p]
+        if not path:
+            raise ConfigError(f"override {key!r} has an empty key")
+        _apply(data, path, value)
+    return _validate(data)
+
+
+def _preset_data(preset: str | Path) -> dict:
     named = CONFIG_DIR / f"{preset}.yaml"
     path = named if named.is_file() else Path(preset)
     if not path.is_file():
@@ -98,9 +126,10 @@ def load_config(preset: str | Path = "tiny", overrides: list[str] | tuple[str, .
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    for item in overrides:
-        keys, value = parse_override(item)
-        _apply(data, keys, value)
+    return data
+
+
+def _validate(data: dict) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:

@@ -1,8 +1,11 @@
 """MLflow pyfunc text generator for a trained GPT-Neo (logged as a model from code, never pickled).
 
-`mlflow.pyfunc.load_model("models:/<name>@champion").predict({"prompt": [...]})` returns one
-completion per prompt; `mlflow models serve` serves the same over HTTP. Params: max_new_tokens,
-temperature (0 = greedy), top_k, top_p, seed. Generation stops at `<|endoftext|>`.
+`mlflow.pyfunc.load_model("models:/<name>@champion").predict({"prompt": [...]}, params=...)` returns
+one completion per prompt; `mlflow models serve` serves the same over HTTP (`{"dataframe_records":
+[{"prompt": ...}], "params": {...}}`). The model is logged with `SIGNATURE`, whose params schema is
+what makes MLflow pass `params` through at all (without one it drops them with "Ignoring provided
+params"): max_new_tokens, temperature (0 = greedy), top_k (0 = off), top_p (1 = off), seed.
+Generation stops at `<|endoftext|>`.
 """
 from __future__ import annotations
 
@@ -10,6 +13,19 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+
+
+DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "seed": 0}
+
+
+def signature() -> "mlflow.models.ModelSignature":
+    """Input: a `prompt` string column; output: one string per prompt; params with their defaults."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    kinds = {"max_new_tokens": "long", "temperature": "double", "top_k": "long", "top_p": "double", "seed": "long"}
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema([ParamSpec(k, kinds[k], v) for k, v in DEFAULTS.items()]))
 
 
 class GPTNeoGenerator(mlflow.pyfunc.PythonModel):
@@ -29,23 +45,26 @@ class GPTNeoGenerator(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None) -> list[str]:
         import torch
 
-        params = params or {}
+        params = {**DEFAULTS, **(params or {})}
         if isinstance(model_input, pd.DataFrame):
-            prompts = model_input["prompt"].astype(str).tolist()
+            column = model_input["prompt"].tolist()
         elif isinstance(model_input, dict):
-            prompts = list(model_input["prompt"])
+            column = list(model_input["prompt"])
         else:
-            prompts = [str(p) for p in model_input]
-        gen = torch.Generator().manual_seed(int(params.get("seed", 0)))
+            column = list(model_input)
+        # {"prompt": [a, b]} reaches a model with a signature as one row holding the list
+        prompts = [str(p) for v in column for p in (v if isinstance(v, (list, tuple)) or hasattr(v, "tolist")
+                                                     and not isinstance(v, str) else [v])]
+        gen = torch.Generator().manual_seed(int(params["seed"]))
         eos = self.model.config.eos_token_id
         out = []
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt).ids or [eos]
             x = torch.tensor([ids], dtype=torch.long)
-            options = {"max_new_tokens": int(params.get("max_new_tokens", 64)),
-                       "temperature": float(params.get("temperature", 0.8)),
-                       "top_k": int(params.get("top_k", 50)), "generator": gen, "eos_token_id": eos}
-            if "top_p" in params and self._supports_top_p:
+            options = {"max_new_tokens": int(params["max_new_tokens"]),
+                       "temperature": float(params["temperature"]), "top_k": int(params["top_k"]) or None,
+                       "generator": gen, "eos_token_id": eos}
+            if self._supports_top_p:  # a model directory written before top-p existed has no such option
                 options["top_p"] = float(params["top_p"])
             y = self.model.generate(x, **options)
             out.append(self.tokenizer.decode(y[0, len(ids):].tolist()))

@@ -44,9 +44,33 @@ def _record(c: MlflowClient, name: str, version: str, decision: str, reason: str
     c.set_model_version_tag(name, version, "gate.time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
+class RegistryError(ValueError):
+    """An expected registry failure (no such model or version), in one line."""
+
+
+def require_version(c: MlflowClient, name: str, version: str | None = None) -> None:
+    """Raise RegistryError naming what is missing: the model (with the known ones) or its version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in c.search_registered_models())
+        raise RegistryError(f"model {name!r} is not registered here (registered: "
+                            f"{', '.join(known) or 'none'})") from None
+    if version is None:
+        return
+    try:
+        c.get_model_version(name, str(version))
+    except MlflowException:
+        have = sorted((int(v.version) for v in c.search_model_versions(f"name = '{name}'")), reverse=True)
+        raise RegistryError(f"model {name!r} has no version {version} (versions: "
+                            f"{', '.join(map(str, have)) or 'none'})") from None
+
+
 def promote(c: MlflowClient, name: str, version: str, reason: str = "promoted by hand") -> str | None:
     """Make `version` the champion; the replaced champion becomes previous-champion. Returns it."""
-    c.get_model_version(name, version)  # fails clearly when the version does not exist
+    require_version(c, name, version)
     old = alias_version(c, name, CHAMPION)
     if old == str(version):
         return old
@@ -86,6 +110,7 @@ def mark_challenger(c: MlflowClient, name: str, version: str, reason: str) -> No
 
 def rollback(c: MlflowClient, name: str) -> tuple[str, str]:
     """Give `champion` back to `previous-champion`; returns (demoted, restored)."""
+    require_version(c, name)
     current, previous = alias_version(c, name, CHAMPION), alias_version(c, name, PREVIOUS)
     if previous is None:
         raise ValueError(f"model {name!r} has no {PREVIOUS!r} version to roll back to")

@@ -153,10 +153,12 @@ def _log_lineage(c, run_id: str, chain: dict[str, tuple[str, Path]]) -> None:
 def _log_model(run_id: str, model_dir: str, workspace: str) -> str:
     import mlflow
 
+    from tasks.register.pyfunc_model import signature  # imports MLflow: only here
+
     with tracking.fluent(workspace), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_FILE),
                                        artifacts={"model": model_dir}, code_paths=[str(NEO_MODEL_DIR)],
-                                       pip_requirements=PIP_REQUIREMENTS)
+                                       pip_requirements=PIP_REQUIREMENTS, signature=signature())
         mlflow.log_artifacts(model_dir, artifact_path="hf_model")
     return info.model_uri
 

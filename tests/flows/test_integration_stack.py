@@ -157,11 +157,13 @@ def _deployment(stack, name: str):
     return stack["client"].read_deployment_by_name(name)
 
 
-def _trigger(stack, config, workspace: Path, hold: Path | None = None):
+def _trigger(stack, preset: str, workspace: Path, hold: Path | None = None, overrides: dict | None = None):
+    """A retrain run with parameters as a user gives them: a preset name and overrides."""
     dep = _deployment(stack, "neo_pipeline/retrain")
     job_variables = {"env": {"NEO_HOLD_FILE": str(hold)}} if hold else None
+    params = {"preset": preset, "workspace": str(workspace), **({"overrides": overrides} if overrides else {})}
     return stack["client"].create_flow_run_from_deployment(
-        dep.id, parameters={"config": config.model_dump(mode="json"), "workspace": str(workspace)},
+        dep.id, parameters=params,
         job_variables=job_variables).id
 
 
@@ -201,7 +203,7 @@ def retrain(stack):
     """One `retrain` run of the debug preset, handed to `train-eval-register` on the gpu pool."""
     ws = stack["tmp"] / "workspace"
     cfg = load_config("debug")
-    run_id = _trigger(stack, cfg, ws)
+    run_id = _trigger(stack, "debug", ws)
     run = _wait_run(stack, run_id, lambda s: s.is_final(), "retrain")
     assert run.state.is_completed(), f"retrain ended {run.state.name}: {run.state.message}\n{_logs(stack)}"
     ter = _deployment(stack, "neo_train_eval_register/train-eval-register")
@@ -269,13 +271,13 @@ def test_promotion_is_notified(stack, retrain):
 
 def test_second_retrain_waits_for_the_slot_and_failures_are_notified(stack, retrain):
     """Run A is held (by NEO_HOLD_FILE) inside its slot; run B must wait; both then fail (no corpus)."""
-    bad = load_config("debug", ["corpus.sources=['/nonexistent/neo-it-corpus']"])
+    bad = {"corpus.sources": ["/nonexistent/neo-it-corpus"]}
     hold = stack["tmp"] / "hold"
     hold.touch()
     ws = stack["tmp"] / "workspace-failing"
-    a = _trigger(stack, bad, ws, hold=hold)
+    a = _trigger(stack, "debug", ws, hold=hold, overrides=bad)
     _wait_run(stack, a, lambda s: s.is_running(), "held run", timeout=300)
-    b = _trigger(stack, bad, ws)
+    b = _trigger(stack, "debug", ws, overrides=bad)
     waiting = _wait_run(stack, b, lambda s: s.name == "AwaitingConcurrencySlot", "second run", timeout=120)
     assert waiting.state.is_scheduled()
     assert stack["client"].read_flow_run(a).state.is_running()  # still holding the slot

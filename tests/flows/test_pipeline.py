@@ -326,7 +326,9 @@ def test_cli_models_promote_rollback_and_export_hf(first_run, tmp_path):
 
 
 def test_mlflow_models_serve_round_trip(first_run, tmp_path):
-    """`mlflow models serve -m models:/NAME@champion --env-manager local` answers completions over HTTP."""
+    """`mlflow models serve -m models:/NAME@champion --env-manager local` answers completions over HTTP,
+    and honours the request's params: greedy (temperature 0) completions of exactly the requested
+    number of new tokens, equal to the model's own greedy decoding."""
     import os
     import sys
     import urllib.request
@@ -343,17 +345,32 @@ def test_mlflow_models_serve_round_trip(first_run, tmp_path):
     log = tmp_path / "serve.log"
     proc = start_process([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
                           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], log, env)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/ping", 180, proc, log)
-        params = {"max_new_tokens": 6, "temperature": 0.0}
-        body = json.dumps({"dataframe_records": [{"prompt": "def "}, {"prompt": "import "}], "params": params})
+    prompts = ["def ", "import "]
+    requests = {n: {"max_new_tokens": n, "temperature": 0.0} for n in (3, 12)}
+
+    def post(params: dict) -> list[str]:
+        body = json.dumps({"dataframe_records": [{"prompt": p} for p in prompts], "params": params})
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
-            served = json.loads(r.read())["predictions"]
+            return json.loads(r.read())["predictions"]
+
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 180, proc, log)
+        served = {n: post(params) for n, params in requests.items()}
     finally:
         stop_process(proc, 30)
+    assert "Ignoring provided params" not in log.read_text()
     with tracking.fluent(first_run["ws"]):
-        local = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict({"prompt": ["def ", "import "]},
-                                                                            params=params)
-    assert served == local and len(served) == 2 and all(isinstance(t, str) for t in served)
+        loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert loaded.metadata.get_params_schema() is not None
+    gen = loaded.unwrap_python_model()
+    eos = gen.model.config.eos_token_id
+    for n, params in requests.items():
+        assert loaded.predict({"prompt": prompts}, params=params) == served[n]
+        for prompt, text in zip(prompts, served[n]):
+            ids = gen.tokenizer.encode(prompt).ids
+            out = gen.model.generate(torch.tensor([ids]), max_new_tokens=n, temperature=0.0, eos_token_id=eos)
+            new = out[0, len(ids):].tolist()
+            assert len(new) == n and text == gen.tokenizer.decode(new)
+    assert served[3] != served[12]  # max_new_tokens reached the model
