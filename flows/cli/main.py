@@ -59,16 +59,29 @@ def run(
     workspace: Optional[str] = typer.Option(
         None, "-w", "--workspace", help="Workspace root (default $NEO_HOME or ./.neo), or an fsspec "
         "URL on shared storage such as s3://bucket/prefix (computed in a local copy under $NEO_CACHE_DIR)."),
+    wait: bool = typer.Option(False, "--wait", help="If another `neo run` holds the workspace, wait for it."),
 ) -> None:
     """Run the whole pipeline: download, clean, dedup, tokenize, train, evaluate, register."""
+    from flows.cli.lock import WorkspaceBusy, workspace_lock
     from tasks.core import storage
+    from tasks.download.sources import check_local_sources
 
     try:
         cfg = load_config(config, set_)
+        check_local_sources(cfg.corpus)  # a mistyped path fails here, before any server starts
         shared = workspace if workspace and storage.is_remote(workspace) else None
         ws = Path(storage.attach(shared)) if shared else Path(workspace or default_workspace()).resolve()
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(workspace_lock(ws, wait, echo=typer.echo))
+        except WorkspaceBusy as exc:
+            _fail(str(exc))
+        _run_pipeline(cfg, ws, shared)
+
+
+def _run_pipeline(cfg, ws: Path, shared: str | None) -> None:
     from flows.cli.runtime import configure, ui_instructions
 
     configure(ws)

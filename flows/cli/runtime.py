@@ -8,6 +8,7 @@ it, Prefect starts its ephemeral API on a SQLite database under `<workspace>/pre
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 OFFLINE_DEFAULTS = {
@@ -17,6 +18,9 @@ OFFLINE_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "true",
     # The ephemeral API's default 20 s start-up limit is too short on a busy 2-core machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # `neo run` prints stage progress; MLflow's table-creation lines and download bars are noise there.
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
@@ -34,17 +38,19 @@ def configure(workspace: str | Path) -> dict[str, str]:
 
 
 def ui_instructions(workspace: str | Path) -> list[str]:
+    """How to look at this workspace's runs, with the commands of the environment `neo` runs in."""
     ws = Path(workspace).resolve()
+    bindir = Path(sys.executable).parent
     lines = []
     if os.environ.get("PREFECT_API_URL"):
         lines.append(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
     else:
-        lines.append(f"Prefect UI: PREFECT_HOME={ws / 'prefect'} prefect server start  "
+        lines.append(f"Prefect UI: PREFECT_HOME={ws / 'prefect'} {bindir / 'prefect'} server start  "
                      "-> http://127.0.0.1:4200")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri and uri.startswith("http"):
         lines.append(f"MLflow UI: {uri}")
     else:
-        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {uri or f'sqlite:///{ws}/mlflow/mlflow.db'} "
+        lines.append(f"MLflow UI: {bindir / 'mlflow'} ui --backend-store-uri {uri or f'sqlite:///{ws}/mlflow/mlflow.db'} "
                      "--port 5000  -> http://127.0.0.1:5000")
     return lines

@@ -169,6 +169,15 @@ def expand_source(source: str | SourceSpec, cache: Path | None = None,
     return sorted({(f.url or f.path): f for f in files}.values(), key=lambda f: f.rel)
 
 
+def check_local_sources(cfg: CorpusConfig) -> None:
+    """Fail now, naming the source, when a local path or glob is missing or holds no readable file
+    (remote sources are checked by the download stage, which may retry them)."""
+    for source in cfg.sources:
+        text = _spec(source).url
+        if not text.startswith(REMOTE_PREFIXES):
+            expand_source(source)
+
+
 def remote_access(cfg: CorpusConfig) -> Remote:
     secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
     return Remote(s3_endpoint=cfg.s3_endpoint, s3_key=secret(cfg.s3_access_key),

@@ -15,6 +15,7 @@ by its fingerprint tag first.
 from __future__ import annotations
 
 import math
+import warnings
 import tempfile
 from pathlib import Path
 
@@ -155,7 +156,10 @@ def _log_model(run_id: str, model_dir: str, workspace: str) -> str:
 
     from tasks.register.pyfunc_model import signature  # imports MLflow: only here
 
-    with tracking.fluent(workspace), mlflow.start_run(run_id=run_id):
+    with tracking.fluent(workspace), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature is explicit (params schema included): MLflow's advice to add an input
+        # example only adds noise to `neo run`.
+        warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_FILE),
                                        artifacts={"model": model_dir}, code_paths=[str(NEO_MODEL_DIR)],
                                        pip_requirements=PIP_REQUIREMENTS, signature=signature())
