@@ -7,9 +7,11 @@ section, and passes a small `StageResult` (fingerprint, path, counts) to the nex
 """
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Any, Optional
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.data import Overrides, neo_data, run_name
@@ -52,17 +54,56 @@ def _hold_while_file_exists() -> None:
             time.sleep(0.2)
 
 
+@task(name="hand-off", cache_policy=NO_CACHE)
+def hand_off(train_deployment: str, tokens_dir: str, config: PipelineConfig, workspace: str,
+             start_timeout: float, poll_s: float = 1.0) -> dict[str, StageResult]:
+    """Run the train flow as `train_deployment` on its own work pool and return its stage results."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelled
+
+    run = run_deployment(train_deployment, parameters={
+        "tokens_dir": tokens_dir, "config": config.model_dump(mode="json"), "workspace": workspace},
+        flow_run_name=f"train-{config.name}", timeout=0)
+    deadline = time.monotonic() + start_timeout
+    with get_client(sync_client=True) as client:
+        while not (fr := client.read_flow_run(run.id)).state.is_final():
+            if fr.state.is_scheduled() or fr.state.is_pending():
+                pool = fr.work_pool_name or client.read_deployment(fr.deployment_id).work_pool_name
+                if time.monotonic() > deadline and not _live_workers(client, pool):
+                    client.set_flow_run_state(run.id, Cancelled(message="no worker serves its pool"), force=True)
+                    raise RuntimeError(
+                        f"no worker picked up flow run {fr.name!r} of deployment {train_deployment} within "
+                        f"{start_timeout:.0f} s: work pool {pool!r} has no live worker. Start one with "
+                        f"`prefect worker start --pool {pool}` (or `neo stack up`, which serves the cpu and "
+                        "gpu pools on this machine)")
+            time.sleep(poll_s)
+    if not fr.state.is_completed():
+        raise RuntimeError(f"deployment {train_deployment} ended {fr.state.name}: flow run {fr.name} ({fr.id})")
+    return fr.state.result()
+
+
+def _live_workers(client: Any, pool: str) -> list[str]:
+    """Names of the pool's workers that are online (a worker with a recent heartbeat)."""
+    try:
+        return [w.name for w in client.read_workers_for_work_pool(pool) if str(w.status).endswith("ONLINE")]
+    except Exception:  # a pool that does not exist (yet) has no workers
+        return []
+
+
 @flow(name="neo_pipeline", flow_run_name=run_name("neo"), log_prints=True)
 def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | None = None,
                  train_deployment: str | None = None, preset: Optional[str] = None,
-                 overrides: Overrides = None) -> PipelineSummary:
+                 overrides: Overrides = None, handoff_start_timeout: float = 600) -> PipelineSummary:
     """Pre-train and register a GPT-Neo model from a text corpus, end to end. `preset` (a name in
     configs/, e.g. "debug") with `overrides` ({"train.max_steps": 800}) replaces `config` when given.
 
     With `train_deployment` (e.g. "neo_train_eval_register/train-eval-register"), training,
     evaluation and registration run as that deployment (on its work pool, e.g. GPU workers) once the
     data stages are done here; the workspace must then be storage both pools can reach (an fsspec
-    URL such as s3://bucket/prefix; the token directory is handed over as its URL there).
+    URL such as s3://bucket/prefix; the token directory is handed over as its URL there). When no
+    live worker serves that deployment's pool for `handoff_start_timeout` seconds, the run fails,
+    naming the pool (and the waiting child run is cancelled), instead of waiting forever.
     """
     config = resolve_config(config, preset, overrides)  # a bad preset or key fails before any work
     _hold_while_file_exists()
@@ -70,14 +111,8 @@ def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | Non
     data = neo_data(config, shared)
     tokens_dir = storage.shared_path(data["tokenize"].path)
     if train_deployment:
-        from prefect.deployments import run_deployment
-
-        run = run_deployment(train_deployment, parameters={
-            "tokens_dir": tokens_dir, "config": config.model_dump(mode="json"), "workspace": shared})
-        if not run.state or not run.state.is_completed():
-            raise RuntimeError(f"deployment {train_deployment} ended {run.state and run.state.name}: "
-                               f"flow run {run.id}")
-        trained = run.state.result()
+        trained = hand_off.with_options(task_run_name=f"hand-off-{config.name}-{data['tokenize'].fingerprint[:10]}")(
+            train_deployment, tokens_dir, config, shared, handoff_start_timeout)
     else:
         trained = neo_train_eval_register(tokens_dir, config, shared)
     stages = {**data, **trained}

@@ -52,23 +52,26 @@ def _download_progress():
         bar.stop()
 
 
-@app.command()
-def run(
-    config: str = typer.Option("tiny", "-c", "--config", help="Preset name in configs/ or a YAML path."),
-    set_: list[str] = typer.Option([], "--set", help="Override: section.key=value (repeatable)."),
-    workspace: Optional[str] = typer.Option(
-        None, "-w", "--workspace", help="Workspace root (default $NEO_HOME or ./.neo), or an fsspec "
-        "URL on shared storage such as s3://bucket/prefix (computed in a local copy under $NEO_CACHE_DIR)."),
-    wait: bool = typer.Option(False, "--wait", help="If another `neo run` holds the workspace, wait for it."),
-) -> None:
-    """Run the whole pipeline: download, clean, dedup, tokenize, train, evaluate, register."""
+_CONFIG = typer.Option("tiny", "-c", "--config", help="Preset name in configs/ or a YAML path.")
+_SET = typer.Option([], "--set", help="Override: section.key=value (repeatable).")
+_WORKSPACE = typer.Option(
+    None, "-w", "--workspace", help="Workspace root (default $NEO_HOME or ./.neo), or an fsspec "
+    "URL on shared storage such as s3://bucket/prefix (computed in a local copy under $NEO_CACHE_DIR).")
+_WAIT = typer.Option(False, "--wait", help="If another neo run holds the workspace, wait for it.")
+
+
+@contextlib.contextmanager
+def _session(config: str, set_: list[str], workspace: Optional[str], wait: bool, check_sources: bool = True):
+    """Everything checked before any work (config, local sources), the workspace held (one run at a
+    time), the embedded runtime set up; yields (config, local workspace, shared workspace URL or None)."""
     from flows.cli.lock import WorkspaceBusy, workspace_lock
     from tasks.core import storage
     from tasks.download.sources import check_local_sources
 
     try:
         cfg = load_config(config, set_)
-        check_local_sources(cfg.corpus)  # a mistyped path fails here, before any server starts
+        if check_sources:
+            check_local_sources(cfg.corpus)  # a mistyped path fails here, before any server starts
         shared = workspace if workspace and storage.is_remote(workspace) else None
         ws = Path(storage.attach(shared)) if shared else Path(workspace or default_workspace()).resolve()
     except (ConfigError, ValueError, FileNotFoundError) as exc:
@@ -78,33 +81,79 @@ def run(
             held.enter_context(workspace_lock(ws, wait, echo=typer.echo))
         except WorkspaceBusy as exc:
             _fail(str(exc))
-        _run_pipeline(cfg, ws, shared)
+        from flows.cli.runtime import configure
+
+        configure(ws)
+        typer.echo(f"neo: config {cfg.name!r}, workspace {shared + f' (local copy {ws})' if shared else ws}")
+        yield cfg, ws, shared
 
 
-def _run_pipeline(cfg, ws: Path, shared: str | None) -> None:
-    from flows.cli.runtime import configure, ui_instructions
+def _summary(stages: dict, ws: Path) -> None:
+    """The closing summary of a run that registered a model: version, alias, metrics, where things are."""
+    from flows.cli.runtime import ui_instructions
 
-    configure(ws)
-    typer.echo(f"neo: config {cfg.name!r}, workspace {shared + f' (local copy {ws})' if shared else ws}")
-    from flows.pipeline import neo_pipeline
+    registered, m = stages["register"].info, stages["evaluate"].info["metrics"]
+    reused = [name for name, r in stages.items() if r.reused]
+    typer.echo("\n".join([
+        "", "== neo-pipeline summary ==",
+        f"registered model : {registered['model_name']} version {registered['version']} (@{registered['alias']})",
+        f"validation       : perplexity {m['val_ppl']:.2f}, bits-per-byte {m['val_bpb']:.4f} "
+        f"(unigram baseline {m['unigram_val_bpb']:.4f})",
+        f"MLflow run       : {registered['run_id']}", f"workspace        : {ws}",
+        *(f"stage {n:<11}: {r.path}" for n, r in stages.items()),
+        *([f"reused outputs   : {', '.join(reused)}"] if reused else []), *ui_instructions(ws)]))
 
-    with _download_progress():
-        s = neo_pipeline(config=cfg, workspace=shared or str(ws))
-    reused = [name for name, r in s.stages.items() if r.reused]
-    lines = [
-        "",
-        "== neo-pipeline summary ==",
-        f"registered model : {s.model_name} version {s.version} (@{s.alias})",
-        f"validation       : perplexity {s.val_ppl:.2f}, bits-per-byte {s.val_bpb:.4f} "
-        f"(unigram baseline {s.unigram_val_bpb:.4f})",
-        f"MLflow run       : {s.run_id}",
-        f"workspace        : {ws}",
-        *(f"stage {n:<11}: {r.path}" for n, r in s.stages.items()),
-        *ui_instructions(ws),
-    ]
-    if reused:
-        lines.insert(-2, f"reused outputs   : {', '.join(reused)}")
-    typer.echo("\n".join(lines))
+
+@app.command()
+def run(config: str = _CONFIG, set_: list[str] = _SET, workspace: Optional[str] = _WORKSPACE,
+        wait: bool = _WAIT) -> None:
+    """Run the whole pipeline: download, clean, dedup, tokenize, train, evaluate, register."""
+    with _session(config, set_, workspace, wait) as (cfg, ws, shared):
+        from flows.pipeline import neo_pipeline
+
+        with _download_progress():
+            s = neo_pipeline(config=cfg, workspace=shared or str(ws))
+        _summary(s.stages, ws)
+
+
+@app.command()
+def data(config: str = _CONFIG, set_: list[str] = _SET, workspace: Optional[str] = _WORKSPACE,
+         wait: bool = _WAIT) -> None:
+    """Prepare training data only (download, clean, dedup, tokenize); prints the token directory."""
+    with _session(config, set_, workspace, wait) as (cfg, ws, shared):
+        from flows.data import neo_data
+        from tasks.core import storage
+
+        with _download_progress():
+            stages = neo_data(cfg, shared or str(ws))
+        tokens = stages["tokenize"]
+        for name, r in stages.items():
+            typer.echo(f"stage {name:<11}: {r.path}{'  (reused)' if r.reused else ''}")
+        c = tokens.counts
+        typer.echo(f"tokens           : {storage.shared_path(tokens.path)} ({c['train_rows']:,} train / "
+                   f"{c['val_rows']:,} val rows of {tokens.info['seq_len']} tokens)")
+        typer.echo(f"next             : neo train {storage.shared_path(tokens.path)} -c {config}"
+                   + (f" -w {workspace}" if workspace else ""))
+
+
+@app.command()
+def train(tokens_dir: str = typer.Argument(..., help="A token directory (`neo data` prints it)."),
+          config: str = _CONFIG, set_: list[str] = _SET, workspace: Optional[str] = _WORKSPACE,
+          wait: bool = _WAIT) -> None:
+    """Train, evaluate and register from an existing token directory."""
+    from tasks.core.protocol import read_manifest
+
+    with _session(config, set_, workspace, wait, check_sources=False) as (cfg, ws, shared):
+        from tasks.core import storage
+
+        local = storage.localize(tokens_dir)
+        manifest = read_manifest(local)
+        if manifest is None or manifest.get("stage") != "tokenize":
+            _fail(f"{tokens_dir}: not a complete tokenize output directory (no manifest, or files changed "
+                  "since); `neo data` prints the one to use")
+        from flows.train import neo_train_eval_register
+
+        _summary(neo_train_eval_register(tokens_dir, cfg, shared or str(ws)), ws)
 
 
 @app.command()

@@ -1,6 +1,7 @@
-"""`neo stack up|down|status`: a local Prefect server, a worker for the `cpu` pool and an MLflow server.
+"""`neo stack up|down|status`: a local Prefect server, workers for the `cpu` and `gpu` pools and an
+MLflow server.
 
-All three listen on 127.0.0.1 and run detached (their own process groups), so they outlive the command;
+The servers listen on 127.0.0.1; all of them run detached (their own process groups), so they outlive the command;
 pids and ports live in `<workspace>/stack/state.json`, logs in `<workspace>/stack/logs/`. By default the
 servers use the workspace's embedded SQLite stores (`prefect/prefect.db`, `mlflow/mlflow.db`), so runs
 recorded before the stack existed show up in its UIs. With `--db-url postgresql://USER[:PW]@HOST:PORT/BASE`
@@ -24,9 +25,13 @@ import typer
 from flows.cli.databases import DB_URL_ENV, StackError, database_urls, ensure_databases
 from flows.cli.procs import is_alive, log_tail, port_in_use, start_process, stop_process, wait_http
 
-POOL = "cpu"
+POOLS = ("cpu", "gpu")
+"""The work pools prefect.yaml's deployments use: data stages on `cpu`, training on `gpu`. On one
+machine the stack serves both (the `gpu` worker's training runs on CPU when there is no GPU), so
+`retrain`'s hand-off to train-eval-register is picked up without a second host."""
 DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000}
-ORDER = ("prefect", "mlflow", "worker")  # start order; stopped in reverse
+WORKERS = tuple(f"worker-{pool}" for pool in POOLS)
+ORDER = ("prefect", "mlflow", *WORKERS)  # start order; stopped in reverse
 
 
 def _quiet_env() -> dict[str, str]:
@@ -111,7 +116,7 @@ def _wait_worker(svc: dict, prefect_api: str, timeout: float) -> None:
 def healthy(key: str, svc: dict, state: dict) -> bool:
     """One quick probe: the server's health endpoint, or the worker's registration in its pool."""
     try:
-        if key == "worker":
+        if key in WORKERS:
             return any(w["name"] == svc["name"] and w.get("status") == "ONLINE"
                        for w in _workers(state["services"]["prefect"]["api"], svc["pool"]))
         with urllib.request.urlopen(svc["health"], timeout=5) as r:
@@ -145,14 +150,14 @@ def _service_specs(workspace: Path, prefect_port: int, mlflow_port: int, db: tup
                  "--artifacts-destination", str(workspace / "mlflow" / "artifacts"), "--workers", "1"],
             # The URI travels in the environment so a password never shows in `ps`.
             env={"MLFLOW_BACKEND_STORE_URI": mlflow_db, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
-        "worker": dict(
-            name=f"neo-stack-{POOL}", pool=POOL, log=str(logs / f"worker-{POOL}.log"),
-            match=["worker", "start", f"neo-stack-{POOL}"],
-            cmd=[py, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
-                 "--name", f"neo-stack-{POOL}", "--install-policy", "never"],
+        **{f"worker-{pool}": dict(
+            name=f"neo-stack-{pool}", pool=pool, log=str(logs / f"worker-{pool}.log"),
+            match=["worker", "start", f"neo-stack-{pool}"],
+            cmd=[py, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+                 "--name", f"neo-stack-{pool}", "--install-policy", "never"],
             # Flow runs the worker starts talk to the stack's servers and default to this workspace.
             env={**prefect_home, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url,
-                 "NEO_HOME": str(workspace)}),
+                 "NEO_HOME": str(workspace)}) for pool in POOLS},
     }
 
 
@@ -205,10 +210,11 @@ def up(workspace: Path, prefect_port: int | None = None, mlflow_port: int | None
             for key in ("prefect", "mlflow"):
                 svc = services[key]
                 wait_http(svc["health"], timeout, svc["pid"], svc["log"])
-            if "worker" in todo:
-                _start(workspace, state, "worker", specs["worker"], echo)
-                started.append("worker")
-                _wait_worker(services["worker"], services["prefect"]["api"], timeout)
+            for key in (k for k in WORKERS if k in todo):
+                _start(workspace, state, key, specs[key], echo)
+                started.append(key)
+            for key in (k for k in WORKERS if k in todo):
+                _wait_worker(services[key], services["prefect"]["api"], timeout)
         except BaseException as exc:  # also Ctrl-C: leave nothing half-started behind
             for key in reversed(started):
                 stop_process(services.pop(key)["pid"])
@@ -268,7 +274,8 @@ def exports(state: dict) -> list[str]:
 
 # ---- CLI ---------------------------------------------------------------------------------------------
 
-stack_app = typer.Typer(no_args_is_help=True, help="Local Prefect server, cpu-pool worker and MLflow server.")
+stack_app = typer.Typer(no_args_is_help=True,
+                        help="Local Prefect server, workers for the cpu and gpu pools, and MLflow server.")
 _WS = typer.Option(None, "-w", "--workspace", help="Workspace root (default $NEO_HOME or ./.neo).")
 
 
@@ -296,7 +303,7 @@ def up_cmd(workspace: Optional[Path] = _WS,
     s = state["services"]
     typer.echo("\n".join([
         f"Prefect UI : {s['prefect']['ui']}", f"MLflow UI  : {s['mlflow']['ui']}",
-        f"worker     : {s['worker']['name']} polling pool {s['worker']['pool']!r}",
+        *(f"worker     : {s[k]['name']} polling pool {s[k]['pool']!r}" for k in WORKERS),
         f"database   : {state['db']}", f"logs       : {_stack_dir(ws) / 'logs'}",
         "Point neo and prefect at the stack:", *(f"  {line}" for line in exports(state))]))
 

@@ -15,9 +15,11 @@ import fcntl
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -121,9 +123,17 @@ def pool_map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int | None)
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers <= 1:
         return [fn(*job) for job in jobs]
-    with ProcessPoolExecutor(workers, mp_context=_context(fn.__module__)) as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        return [f.result() for f in futures]
+    try:
+        with ProcessPoolExecutor(workers, mp_context=_context(fn.__module__)) as pool:
+            futures = [pool.submit(fn, *job) for job in jobs]
+            return [f.result() for f in futures]
+    except BrokenProcessPool as exc:
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        raise RuntimeError(
+            f"worker processes for {fn.__name__} died ({exc}). Worker processes import the main "
+            f"script{f' ({main})' if main else ''} again: a script that runs the pipeline must put its "
+            "top level under `if __name__ == \"__main__\":`; or run the units in this process with "
+            "clean.workers=1 and dedup.workers=1") from exc
 
 
 def link(src: Path, dst: Path) -> None:

@@ -374,3 +374,28 @@ def test_mlflow_models_serve_round_trip(first_run, tmp_path):
             new = out[0, len(ids):].tolist()
             assert len(new) == n and text == gen.tokenizer.decode(new)
     assert served[3] != served[12]  # max_new_tokens reached the model
+
+
+def test_hand_off_to_a_pool_nobody_serves_fails_naming_the_pool(first_run):
+    """`retrain` hands training to a deployment on a pool without a worker: the run fails within the
+    start timeout, naming the pool and how to serve it, and the waiting child run is cancelled."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from flows.train import neo_train_eval_register
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="nobody-serves-this", type="process"))
+    dep_id = neo_train_eval_register.to_deployment(name="unserved", work_pool_name="nobody-serves-this").apply()
+    state = neo_pipeline(config=first_run["cfg"], workspace=str(first_run["ws"]), return_state=True,
+                         train_deployment="neo_train_eval_register/unserved", handoff_start_timeout=2)
+    assert state.is_failed()
+    assert "work pool 'nobody-serves-this' has no live worker" in state.message
+    assert "prefect worker start --pool nobody-serves-this" in state.message
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep_id])))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert [(c.name, c.state.name) for c in children] == [(f"train-{first_run['cfg'].name}", "Cancelled")]
+    fp = first_run["summary"].stages["tokenize"].fingerprint
+    assert f"hand-off-{first_run['cfg'].name}-{fp[:10]}" in {t.name for t in tasks}

@@ -49,3 +49,20 @@ def test_a_second_run_on_a_held_workspace_names_the_holder(tmp_path):
     assert (ws / LOCK).exists()  # the lock file stays; the kernel released the lock with the process
     with workspace_lock(ws):  # so the next run gets it at once
         assert f"pid {os.getpid()}" in holder_of(ws)
+
+
+def test_neo_data_then_neo_train_register_a_model(tmp_path):
+    """The two halves of `neo run` as verbs: `neo data` prints the token directory, `neo train` takes it."""
+    ws = str(tmp_path / "ws")
+    result = CliRunner().invoke(app, ["data", "-c", "debug", "-w", ws])
+    assert result.exit_code == 0, result.output
+    tokens = next(ln.split(":", 1)[1].split(" (")[0].strip() for ln in result.output.splitlines()
+                  if ln.startswith("tokens "))
+    assert Path(tokens).parent == Path(ws) / "tokenize" and (Path(tokens) / "manifest.json").is_file()
+    assert f"next             : neo train {tokens} -c debug -w {ws}" in result.output
+    missing = CliRunner().invoke(app, ["train", str(tmp_path / "nope"), "-c", "debug", "-w", ws])
+    assert missing.exit_code == 2 and "not a complete tokenize output directory" in missing.output
+    result = CliRunner().invoke(app, ["train", tokens, "-c", "debug", "-w", ws])
+    assert result.exit_code == 0, result.output
+    assert "registered model : gpt-neo-debug version 1 (@champion)" in result.output
+    assert f"stage train      : {Path(ws) / 'train'}" in result.output

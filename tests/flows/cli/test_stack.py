@@ -1,4 +1,4 @@
-"""`neo stack up|status|down`: real Prefect server, cpu-pool worker and MLflow server on free ports.
+"""`neo stack up|status|down`: real Prefect server, cpu- and gpu-pool workers and MLflow server on free ports.
 
 SQLite in a temporary workspace, and PostgreSQL when the server at 127.0.0.1:5432 (trust auth) is
 there (skipped otherwise, except under CI=true where it must run); the PostgreSQL case creates its
@@ -6,6 +6,8 @@ own databases through `neo stack up` and drops them afterwards.
 """
 import contextlib
 import json
+import os
+import subprocess
 import sys
 import urllib.request
 import uuid
@@ -77,22 +79,30 @@ def test_stack_up_status_idempotent_down(tmp_path, db_url):
         assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{mport}" in r.output
         assert f"Prefect UI : http://127.0.0.1:{pport}" in r.output
         pids = {k: v["pid"] for k, v in load_state(ws)["services"].items()}
-        assert set(pids) == {"prefect", "mlflow", "worker"} and all(map(is_alive, pids.values()))
+        assert set(pids) == {"prefect", "mlflow", "worker-cpu", "worker-gpu"} and all(map(is_alive, pids.values()))
         members = {p for pid in pids.values() for p in group_members(pid)}
-        assert len(members) >= 3
+        assert len(members) >= 4
 
         st = _neo("stack", "status", "-w", ws)
         assert st.exit_code == 0, st.output
         assert [line.split()[:2] for line in st.output.splitlines()] == [
-            ["prefect", "up"], ["mlflow", "up"], ["worker", "up"]]
+            ["prefect", "up"], ["mlflow", "up"], ["worker-cpu", "up"], ["worker-gpu", "up"]]
+        assert "pool gpu" in st.output  # which pools have a live worker
         assert json.loads(_get(f"{api}/health")) is True
         assert _get(f"http://127.0.0.1:{mport}/health") == b"OK"
-        pool = json.loads(_get(f"{api}/work_pools/cpu"))
-        assert pool["type"] == "process"
-        workers = _post(f"{api}/work_pools/cpu/workers/filter", {})
-        assert [(w["name"], w["status"]) for w in workers] == [("neo-stack-cpu", "ONLINE")]
-        # Each server migrated its own database, and Prefect's holds the pool.
-        assert _rows(db_url, ws, "prefect", "SELECT name, type FROM work_pool") == [("cpu", "process")]
+        for name in ("cpu", "gpu"):  # both pools prefect.yaml uses are served on this machine
+            assert json.loads(_get(f"{api}/work_pools/{name}"))["type"] == "process"
+            workers = _post(f"{api}/work_pools/{name}/workers/filter", {})
+            assert [(w["name"], w["status"]) for w in workers] == [(f"neo-stack-{name}", "ONLINE")]
+        # The README's deployment sequence works after `neo stack up` created the pools (--overwrite).
+        for name in ("cpu", "gpu"):
+            made = subprocess.run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", name,
+                                   "--type", "process", "--overwrite"], capture_output=True, text=True,
+                                  env={**os.environ, "PREFECT_API_URL": api}, timeout=120)
+            assert made.returncode == 0, made.stdout + made.stderr
+        # Each server migrated its own database, and Prefect's holds the pools.
+        assert sorted(_rows(db_url, ws, "prefect", "SELECT name, type FROM work_pool")) == [
+            ("cpu", "process"), ("gpu", "process")]
         assert len(_rows(db_url, ws, "mlflow", "SELECT version_num FROM alembic_version")) == 1
         assert len(_rows(db_url, ws, "prefect", "SELECT version_num FROM alembic_version")) == 1
         if db_url is not None:
@@ -104,29 +114,29 @@ def test_stack_up_status_idempotent_down(tmp_path, db_url):
         assert "nothing started" in again.output
         assert {k: v["pid"] for k, v in load_state(ws)["services"].items()} == pids
         if db_url is None:  # a dead service is restarted alone, on the ports used before
-            stop_process(pids["worker"])
+            stop_process(pids["worker-cpu"])
             third = _neo("stack", "up", "-w", ws)
             assert third.exit_code == 0, third.output
             assert [ln.split()[1] for ln in third.output.splitlines() if ln.startswith("started")] == [
                 "neo-stack-cpu"]
             new = {k: v["pid"] for k, v in load_state(ws)["services"].items()}
-            assert new["worker"] != pids["worker"] and {**new, "worker": 0} == {**pids, "worker": 0}
+            assert new["worker-cpu"] != pids["worker-cpu"] and {**new, "worker-cpu": 0} == {**pids, "worker-cpu": 0}
             assert f"Prefect UI : http://127.0.0.1:{pport}" in third.output
             pids = new
             members = {p for pid in pids.values() for p in group_members(pid)}
         logs = sorted(p.name for p in (ws / "stack" / "logs").iterdir())
-        assert logs == ["mlflow-server.log", "prefect-server.log", "worker-cpu.log"]
+        assert logs == ["mlflow-server.log", "prefect-server.log", "worker-cpu.log", "worker-gpu.log"]
     finally:
         down = _neo("stack", "down", "-w", ws)
     assert down.exit_code == 0, down.output
-    assert down.output.count("stopped ") == 3
+    assert down.output.count("stopped ") == 4
     assert not any(map(is_alive, pids.values()))
     assert not any(map(is_alive, members)), "child processes (uvicorn) outlived their server"
     assert load_state(ws)["services"] == {}
     st = _neo("stack", "status", "-w", ws)
     assert st.exit_code == 1
     assert [line.split()[:2] for line in st.output.splitlines()] == [
-        ["prefect", "down"], ["mlflow", "down"], ["worker", "down"]]
+        ["prefect", "down"], ["mlflow", "down"], ["worker-cpu", "down"], ["worker-gpu", "down"]]
 
 
 def test_bad_settings_fail_clearly(tmp_path):
