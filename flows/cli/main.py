@@ -6,6 +6,7 @@ imported, so a bad `--set` fails in milliseconds, naming the key, and no work st
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -81,11 +82,25 @@ def _session(config: str, set_: list[str], workspace: Optional[str], wait: bool,
             held.enter_context(workspace_lock(ws, wait, echo=typer.echo))
         except WorkspaceBusy as exc:
             _fail(str(exc))
-        from flows.cli.runtime import configure
+        from flows.cli.runtime import configure, shield_embedded_server
 
         configure(ws)
         typer.echo(f"neo: config {cfg.name!r}, workspace {shared + f' (local copy {ws})' if shared else ws}")
-        yield cfg, ws, shared
+        shield_embedded_server()
+        # Prefect's engine turns SIGTERM into a Crashed run, then re-sends the signal to this
+        # handler: exiting normally (not by the signal) runs the atexit hook that stops the
+        # embedded server, which SIGTERM to the group no longer reaches (shield_embedded_server).
+        signal.signal(signal.SIGTERM, _terminated)
+        try:
+            yield cfg, ws, shared
+        except KeyboardInterrupt:
+            _terminated(signal.SIGINT, None)
+
+
+def _terminated(signum: int, frame) -> None:
+    typer.secho(f"neo: stopped by {signal.Signals(signum).name}; the Prefect run is marked Crashed and a "
+                "rerun resumes from the newest checkpoint", fg=typer.colors.RED, err=True)
+    sys.exit(128 + signum)
 
 
 def _summary(stages: dict, ws: Path) -> None:

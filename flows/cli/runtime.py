@@ -37,6 +37,37 @@ def configure(workspace: str | Path) -> dict[str, str]:
     return applied
 
 
+def shield_embedded_server() -> None:
+    """Start Prefect's embedded API server in a session of its own.
+
+    A SIGTERM (or Ctrl-C) to `neo run`'s process group would otherwise kill the embedded server
+    together with the run, and the run would then block in client retries trying to record its
+    Crashed state on a server that is gone. In its own session the server outlives the signal long
+    enough for the run to record the crash and exit; Prefect stops it at exit as usual."""
+    import subprocess
+
+    from prefect.server.api import server
+
+    if getattr(server.SubprocessASGIServer, "_neo_shielded", False):
+        return
+    start = server.SubprocessASGIServer._run_uvicorn_command
+
+    def start_in_own_session(self):
+        popen = subprocess.Popen
+
+        def own_session(*args, **kwargs):
+            return popen(*args, start_new_session=True, **kwargs)
+
+        server.subprocess.Popen = own_session
+        try:
+            return start(self)
+        finally:
+            server.subprocess.Popen = popen
+
+    server.SubprocessASGIServer._run_uvicorn_command = start_in_own_session
+    server.SubprocessASGIServer._neo_shielded = True
+
+
 def ui_instructions(workspace: str | Path) -> list[str]:
     """How to look at this workspace's runs, with the commands of the environment `neo` runs in."""
     ws = Path(workspace).resolve()

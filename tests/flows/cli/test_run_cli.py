@@ -53,16 +53,50 @@ def test_a_second_run_on_a_held_workspace_names_the_holder(tmp_path):
 
 def test_neo_data_then_neo_train_register_a_model(tmp_path):
     """The two halves of `neo run` as verbs: `neo data` prints the token directory, `neo train` takes it."""
-    ws = str(tmp_path / "ws")
-    result = CliRunner().invoke(app, ["data", "-c", "debug", "-w", ws])
-    assert result.exit_code == 0, result.output
-    tokens = next(ln.split(":", 1)[1].split(" (")[0].strip() for ln in result.output.splitlines()
+    neo, ws = str(Path(sys.executable).parent / "neo"), str(tmp_path / "ws")
+
+    def cli(*args):
+        return subprocess.run([neo, *args], capture_output=True, text=True, timeout=600)
+
+    data = cli("data", "-c", "debug", "-w", ws)
+    assert data.returncode == 0, data.stdout[-3000:] + data.stderr[-3000:]
+    tokens = next(ln.split(":", 1)[1].split(" (")[0].strip() for ln in data.stdout.splitlines()
                   if ln.startswith("tokens "))
     assert Path(tokens).parent == Path(ws) / "tokenize" and (Path(tokens) / "manifest.json").is_file()
-    assert f"next             : neo train {tokens} -c debug -w {ws}" in result.output
-    missing = CliRunner().invoke(app, ["train", str(tmp_path / "nope"), "-c", "debug", "-w", ws])
-    assert missing.exit_code == 2 and "not a complete tokenize output directory" in missing.output
-    result = CliRunner().invoke(app, ["train", tokens, "-c", "debug", "-w", ws])
-    assert result.exit_code == 0, result.output
-    assert "registered model : gpt-neo-debug version 1 (@champion)" in result.output
-    assert f"stage train      : {Path(ws) / 'train'}" in result.output
+    assert f"next             : neo train {tokens} -c debug -w {ws}" in data.stdout
+    missing = cli("train", str(tmp_path / "nope"), "-c", "debug", "-w", ws)
+    assert missing.returncode == 2 and "not a complete tokenize output directory" in missing.stderr
+    train = cli("train", tokens, "-c", "debug", "-w", ws)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert "registered model : gpt-neo-debug version 1 (@champion)" in train.stdout
+    assert f"stage train      : {Path(ws) / 'train'}" in train.stdout
+
+
+def test_sigterm_during_training_stops_everything_and_a_rerun_resumes(tmp_path):
+    """SIGTERM to `neo run`'s process group mid-training: the runs are marked Crashed, the command
+    exits 143 saying so, no process of it (training, embedded server) survives, and the same command
+    again resumes from the newest checkpoint."""
+    import signal
+    import time
+
+    ws = tmp_path / "ws"
+    cmd = [str(Path(sys.executable).parent / "neo"), "run", "-c", "debug", "-w", str(ws),
+           "--set", "train.max_steps=600", "--set", "train.checkpoint_every=5"]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while "step 20/" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Finished in state Crashed" in text and "neo: stopped by SIGTERM" in text
+    time.sleep(1)
+    left = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+    assert left.strip() == "", f"processes of the stopped run survive:\n{left}"  # also the embedded server
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # the same command
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from" in again.stdout + again.stderr
+    assert "registered model : gpt-neo-debug" in again.stdout
