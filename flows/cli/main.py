@@ -171,6 +171,55 @@ def train(tokens_dir: str = typer.Argument(..., help="A token directory (`neo da
         _summary(neo_train_eval_register(tokens_dir, cfg, shared or str(ws)), ws)
 
 
+@app.command("eval")
+def eval_(model: str = typer.Argument(..., help="A model directory, NAME@ALIAS or NAME/VERSION."),
+          tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token directory: score its val split."),
+          config: str = _CONFIG, set_: list[str] = _SET,
+          workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
+    """Evaluate a model on a token directory's validation split and the eval tasks (writes nothing)."""
+    import tempfile
+
+    from tasks.core.protocol import read_manifest
+    from tasks.evaluate.stage import evaluate_model
+
+    try:
+        cfg = load_config(config, set_)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if tokens is not None and (read_manifest(tokens) or {}).get("stage") != "tokenize":
+        _fail(f"{tokens}: not a complete tokenize output directory (`neo data` prints the one to use)")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(model) if Path(model).is_dir() else _download_model(model, workspace, Path(tmp))
+        try:
+            metrics = evaluate_model(cfg.eval, model_dir, tokens)
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(str(exc))
+    for name, value in metrics.items():
+        typer.echo(f"{name:<28} {value:.6f}")
+
+
+def _download_model(model: str, workspace: Optional[Path], dest: Path) -> Path:
+    """A registered version's Hugging Face files (NAME@ALIAS or NAME/VERSION), downloaded to `dest`."""
+    import mlflow
+
+    from tasks.register import registry
+
+    c = _registry_client(workspace)
+    with _registry_errors():
+        if "@" in model:
+            name, alias = model.split("@", 1)
+            registry.require_version(c, name)
+            mv = c.get_model_version_by_alias(name, alias)
+        elif "/" in model:
+            name, version = model.split("/", 1)
+            registry.require_version(c, name, version)
+            mv = c.get_model_version(name, version)
+        else:
+            _fail(f"{model!r}: expected NAME@ALIAS, NAME/VERSION or a model directory")
+    return Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="hf_model", dst_path=str(dest),
+                                                    tracking_uri=c.tracking_uri))
+
+
 @app.command()
 def verify(workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
     """Re-hash every stage output against its manifest (full sha256 check)."""
@@ -267,32 +316,12 @@ def export_hf(model: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION, o
               out: Path = typer.Argument(..., help="Destination directory."),
               workspace: Optional[Path] = typer.Option(None, "-w", "--workspace")) -> None:
     """Write a Hugging Face directory (GPTNeoForCausalLM + PreTrainedTokenizerFast files)."""
-    from tasks.register import registry
+    import tempfile
+
     from tasks.train.export import copy_export
 
-    if Path(model).is_dir():
-        copy_export(model, out)
-    else:
-        import tempfile
-
-        import mlflow
-
-        c = _registry_client(workspace)
-        with _registry_errors():
-            if "@" in model:
-                name, alias = model.split("@", 1)
-                registry.require_version(c, name)
-                mv = c.get_model_version_by_alias(name, alias)
-            elif "/" in model:
-                name, version = model.split("/", 1)
-                registry.require_version(c, name, version)
-                mv = c.get_model_version(name, version)
-            else:
-                _fail(f"{model!r}: expected NAME@ALIAS, NAME/VERSION or a directory")
-        with tempfile.TemporaryDirectory() as tmp:
-            src = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="hf_model", dst_path=tmp,
-                                                      tracking_uri=c.tracking_uri)
-            copy_export(src, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_export(Path(model) if Path(model).is_dir() else _download_model(model, workspace, Path(tmp)), out)
     typer.echo(f"exported to {out.resolve()} (transformers: GPTNeoForCausalLM.from_pretrained, "
                "PreTrainedTokenizerFast.from_pretrained)")
 

@@ -130,19 +130,39 @@ def run_evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, wo
                      upstream=[upstream, tokens], compute=lambda out: _evaluate(cfg, upstream, tokens, workspace, out))
 
 
-def _evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, workspace: str, out: Path) -> Computed:
-    model = GPTNeo.from_pretrained(upstream.info["model_dir"])
-    val, val_bytes = read_rows(tokens.path, "val")
+def validation_metrics(cfg: EvalConfig, model: GPTNeo, tokens_dir: str | Path) -> tuple[dict[str, float], np.ndarray]:
+    """Loss, perplexity and bits-per-byte on the token directory's val split, with the unigram baseline
+    on the same targets; and the train rows (the baseline's counts, the contamination index)."""
+    val, val_bytes = read_rows(tokens_dir, "val")
     if cfg.max_batches is not None:
         keep = min(val.shape[0], cfg.max_batches * cfg.batch_size)
         val, val_bytes = val[:keep], val_bytes[:keep]
-    train, _ = read_rows(tokens.path, "train")
+    train, _ = read_rows(tokens_dir, "train")
     n_targets = val.shape[0] * (val.shape[1] - 1)
     ours = summarize(model_nll(model, val, cfg.batch_size, None), val_bytes, n_targets)
     base = summarize(unigram_nll(train, val, model.config.vocab_size), val_bytes, n_targets)
-    metrics = {"val_loss": ours["loss"], "val_ppl": ours["ppl"], "val_bpb": ours["bpb"],
-               "unigram_val_loss": base["loss"], "unigram_val_bpb": base["bpb"],
-               "val_tokens": float(n_targets), "val_bytes": float(val_bytes.sum())}
+    return {"val_loss": ours["loss"], "val_ppl": ours["ppl"], "val_bpb": ours["bpb"],
+            "unigram_val_loss": base["loss"], "unigram_val_bpb": base["bpb"],
+            "val_tokens": float(n_targets), "val_bytes": float(val_bytes.sum())}, train
+
+
+def evaluate_model(cfg: EvalConfig, model_dir: str | Path, tokens_dir: str | Path | None = None) -> dict[str, float]:
+    """The evaluate stage's metrics for any model directory, written nowhere (`neo eval`): validation
+    metrics on `tokens_dir`'s val split when given, and every task in `cfg.tasks` (contamination
+    against that directory's train split, none without one)."""
+    if tokens_dir is None and not cfg.tasks:
+        raise ValueError("nothing to evaluate: give a token directory (--tokens) or eval tasks (eval.tasks)")
+    model = GPTNeo.from_pretrained(model_dir)
+    metrics, train = validation_metrics(cfg, model, tokens_dir) if tokens_dir else ({}, np.zeros((0, 2), np.int64))
+    metrics.update(score_tasks(cfg, model, load_tokenizer(model_dir), train))
+    return metrics
+
+
+def _evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, workspace: str, out: Path) -> Computed:
+    model = GPTNeo.from_pretrained(upstream.info["model_dir"])
+    metrics, train = validation_metrics(cfg, model, tokens.path)
+    n_targets = int(metrics["val_tokens"])
+    val_rows = n_targets // tokens.info["seq_len"]  # each row holds seq_len targets
     tokenizer = load_tokenizer(tokens.path)
     metrics.update(score_tasks(cfg, model, tokenizer, train))
     samples = generate_samples(model, tokenizer, cfg, tokens.info["eos_id"])
@@ -153,7 +173,7 @@ def _evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, works
     files = [file_entry(out / name, out) for name in ("metrics.json", "samples.json", "report.md")]
     run_id = upstream.info["run_id"]
     tracking.log_metrics(tracking.client(workspace), run_id, metrics, step=upstream.counts.get("steps", 0))
-    return Computed({"val_rows": int(val.shape[0]), "val_tokens": n_targets, "samples": len(samples)}, files,
+    return Computed({"val_rows": val_rows, "val_tokens": n_targets, "samples": len(samples)}, files,
                     info=dict(metrics=metrics, run_id=run_id, model_dir=upstream.info["model_dir"],
                               samples_path=str(out / "samples.json"), report_path=str(out / "report.md")))
 

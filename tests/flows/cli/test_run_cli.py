@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli.lock import LOCK, workspace_lock
@@ -70,6 +71,19 @@ def test_neo_data_then_neo_train_register_a_model(tmp_path):
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert "registered model : gpt-neo-debug version 1 (@champion)" in train.stdout
     assert f"stage train      : {Path(ws) / 'train'}" in train.stdout
+
+    # `neo eval` scores any model the way the evaluate stage did: a directory or a registered version
+    import json
+
+    model_dir = next((Path(ws) / "train").glob("*/model"))
+    stage_bpb = json.loads(next((Path(ws) / "evaluate").glob("*/metrics.json")).read_text())["val_bpb"]
+    for model in (str(model_dir), "gpt-neo-debug@champion"):
+        ev = cli("eval", model, "--tokens", tokens, "-c", "debug", "-w", ws)
+        assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+        scores = dict(line.split() for line in ev.stdout.splitlines())
+        assert float(scores["val_bpb"]) == pytest.approx(stage_bpb, abs=1e-6) and "unigram_val_bpb" in scores
+    nothing = cli("eval", str(model_dir), "-c", "debug")
+    assert nothing.returncode == 2 and nothing.stderr.startswith("error: nothing to evaluate")
 
 
 def test_sigterm_during_training_stops_everything_and_a_rerun_resumes(tmp_path):
