@@ -68,9 +68,10 @@ def hand_off(train_deployment: str, tokens_dir: str, config: PipelineConfig, wor
     deadline = time.monotonic() + start_timeout
     with get_client(sync_client=True) as client:
         while not (fr := client.read_flow_run(run.id)).state.is_final():
-            if fr.state.is_scheduled() or fr.state.is_pending():
+            waiting = fr.state.is_scheduled() or fr.state.is_pending()
+            if waiting and time.monotonic() > deadline:
                 pool = fr.work_pool_name or client.read_deployment(fr.deployment_id).work_pool_name
-                if time.monotonic() > deadline and not _live_workers(client, pool):
+                if not _live_workers(client, pool):
                     client.set_flow_run_state(run.id, Cancelled(message="no worker serves its pool"), force=True)
                     raise RuntimeError(
                         f"no worker picked up flow run {fr.name!r} of deployment {train_deployment} within "

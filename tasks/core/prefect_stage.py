@@ -2,8 +2,8 @@
 
 A stage's `task.py` decorates its task with `stage_task(STAGE, plan, describe=...)`, where `plan(**task
 parameters) -> (fingerprint, directory)` and `describe(result) -> (log line, report lines)` come from
-its Prefect-free `stage.py`; the task logs the line and writes the report as a markdown artifact. The cache key is the stage fingerprint (config + inputs + code version), so an
-unchanged rerun is served from Prefect's cache across flow runs, while any change to config, input or
+its Prefect-free `stage.py`; the task logs the line and writes the report as a markdown artifact.
+The cache key is the stage fingerprint (config + inputs + code version), so an unchanged rerun is served from Prefect's cache across flow runs, while any change to config, input or
 code gives a new key. A cache hit is only honoured while the stage directory is still complete.
 """
 from __future__ import annotations

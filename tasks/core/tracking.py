@@ -31,11 +31,16 @@ def tracking_uri(workspace: str | Path) -> str:
     return f"sqlite:///{db}"
 
 
+def registry_uri(tracking: str) -> str:
+    """The model registry: `MLFLOW_REGISTRY_URI` when set, else the tracking store itself."""
+    return os.environ.get("MLFLOW_REGISTRY_URI", tracking)
+
+
 def client(workspace: str | Path) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(workspace)
-    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    return MlflowClient(tracking_uri=uri, registry_uri=registry_uri(uri))
 
 
 @contextlib.contextmanager
@@ -51,7 +56,7 @@ def fluent(workspace: str | Path) -> Iterator[None]:
     env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     before = tracking_utils._tracking_uri, registry_utils._registry_uri
     uri = tracking_uri(workspace)
-    registry = os.environ.get("MLFLOW_REGISTRY_URI", uri)
+    registry = registry_uri(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry)
     try:

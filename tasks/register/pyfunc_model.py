@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 
@@ -57,8 +58,7 @@ class GPTNeoGenerator(mlflow.pyfunc.PythonModel):
         else:
             column = list(model_input)
         # {"prompt": [a, b]} reaches a model with a signature as one row holding the list
-        prompts = [str(p) for v in column for p in (v if isinstance(v, (list, tuple)) or hasattr(v, "tolist")
-                                                     and not isinstance(v, str) else [v])]
+        prompts = [str(p) for v in column for p in (v if isinstance(v, (list, tuple, np.ndarray)) else [v])]
         gen = torch.Generator().manual_seed(int(params["seed"]))
         eos = self.model.config.eos_token_id
         out = []
