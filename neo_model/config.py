@@ -62,6 +62,9 @@ class GPTNeoConfig:
     """Beginning-of-sequence id (<|endoftext|>, the last id of GPT-2 BPE)."""
     eos_token_id: int | None = 50256
     """End-of-sequence id (<|endoftext|>, the last id of GPT-2 BPE)."""
+    trained_context: int | None = None
+    """Tokens per sequence the model was trained at (written by the train stage; transformers keeps it
+    as an extra attribute). Evaluation windows use it; None: max_position_embeddings."""
 
     def __post_init__(self) -> None:
         if self.attention_types is None:
@@ -91,6 +94,9 @@ class GPTNeoConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name} ({value}) must be a token id below vocab_size ({self.vocab_size})")
+        if self.trained_context is not None and not 0 < self.trained_context <= self.max_position_embeddings:
+            raise ValueError(f"trained_context ({self.trained_context}) must be in 1..max_position_embeddings "
+                             f"({self.max_position_embeddings})")
         bad = sorted({k for k in self.attention_layers if k not in ATTENTION_KINDS})
         if bad:
             raise ValueError(f"attention_types may only contain {ATTENTION_KINDS}, got {bad}")
@@ -109,6 +115,11 @@ class GPTNeoConfig:
             for _ in range(repeat):
                 layers.extend(kinds)
         return layers
+
+    @property
+    def context(self) -> int:
+        """The longest context to score with: the trained context, else every position."""
+        return self.trained_context or self.max_position_embeddings
 
     @property
     def head_dim(self) -> int:

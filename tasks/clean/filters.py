@@ -49,6 +49,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 """C0 controls and DEL, except tab, newline, form feed (legal in Python source) and carriage return."""
 _TRAILING_WS = re.compile(r"[ \t]+$", re.M)
 _BLANK_RUNS = re.compile(r"\n{3,}")
+_PART_SUFFIX = re.compile(r":\d+$")
 _ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")
 """A whitespace-separated word holding at least one letter."""
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s|$)")
@@ -111,9 +112,11 @@ def same_python_ast(before: str, after: str) -> bool:
 
 
 def profile_for(doc_id: str, cfg: CleanConfig) -> str:
-    """The filter profile of a document: the first `cfg.profiles` glob matching its id."""
+    """The filter profile of a document: the first `cfg.profiles` glob matching its id, or its id
+    without a trailing `:<n>` (a jsonl line, or a part of a split text file)."""
+    bare = _PART_SUFFIX.sub("", doc_id)
     for pattern, profile in cfg.profiles.items():
-        if fnmatch.fnmatchcase(doc_id, pattern):
+        if fnmatch.fnmatchcase(doc_id, pattern) or fnmatch.fnmatchcase(bare, pattern):
             return profile
     return cfg.default_profile
 
@@ -133,29 +136,72 @@ def length_rejection(text: str, cfg: CleanConfig) -> Rejection | None:
 
 def c4_line_filter(text: str, rules: ProseFilters) -> tuple[str, dict[str, int], int]:
     """C4 line rules (Raffel et al. 2020, section 2.2): drop lines with javascript or cookie/terms
-    boilerplate, lines not ending in a terminal punctuation mark, lines with fewer than
-    `c4_min_words_per_line` words. Blank lines stay (they separate the paragraphs the Gopher rules
+    boilerplate, text not ending in a terminal punctuation mark, text with fewer than
+    `c4_min_words_per_line` words, judged per line (`c4_unit: line`, C4 exactly) or per paragraph
+    (see `ProseFilters.c4_unit`). Blank lines stay (they separate the paragraphs the Gopher rules
     look at). Returns (text, lines removed per rule in `LINE_RULES`, non-blank lines left)."""
     removed = dict.fromkeys(LINE_RULES, 0)
-    ends = tuple(rules.c4_end_marks)
-    kept: list[str] = []
-    left = 0
-    for line in text.split("\n"):
-        bare = line.strip()
-        if not bare:
-            kept.append(line)
-        elif rules.c4_drop_noise_lines and any(m in bare.lower() for m in C4_NOISE):
+    lines = text.split("\n")
+    keep = [True] * len(lines)
+    for i, line in enumerate(lines):
+        if rules.c4_drop_noise_lines and line.strip() and any(m in line.lower() for m in C4_NOISE):
+            keep[i] = False
             removed["c4_noise"] += 1
-        elif rules.c4_terminal_punct and not bare.endswith(ends):
-            removed["c4_no_terminal_punct"] += 1
-        elif len(bare.split()) < rules.c4_min_words_per_line:
-            removed["c4_short_line"] += 1
-        else:
-            kept.append(line)
-            left += 1
+    judge = _c4_by_line if rules.c4_unit == "line" else _c4_by_paragraph
+    judge(lines, keep, removed, rules)
+    left = sum(1 for line, k in zip(lines, keep) if k and line.strip())
     if any(removed.values()):
+        kept = [line for line, k in zip(lines, keep) if k]
         text = _BLANK_RUNS.sub("\n\n", "\n".join(kept)).strip("\n") + "\n" if left else ""
     return text, removed, left
+
+
+def _c4_by_line(lines: list[str], keep: list[bool], removed: dict[str, int], rules: ProseFilters) -> None:
+    ends = tuple(rules.c4_end_marks)
+    for i, line in enumerate(lines):
+        bare = line.strip()
+        if not bare or not keep[i]:
+            continue
+        if rules.c4_terminal_punct and not bare.endswith(ends):
+            keep[i] = False
+            removed["c4_no_terminal_punct"] += 1
+        elif len(bare.split()) < rules.c4_min_words_per_line:
+            keep[i] = False
+            removed["c4_short_line"] += 1
+
+
+def _c4_by_paragraph(lines: list[str], keep: list[bool], removed: dict[str, int],
+                     rules: ProseFilters) -> None:
+    """Judge each paragraph (run of non-blank lines the noise rule left), last to first, so that a
+    heading is kept only when the text after it is."""
+    ends = tuple(rules.c4_end_marks)
+    paragraphs, current = [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            if current:
+                paragraphs.append(current)
+                current = []
+        elif keep[i]:
+            current.append(i)
+    if current:
+        paragraphs.append(current)
+    after = -1  # what follows: -1 nothing kept, 0 kept text, n > 0 n headings then kept text
+    for para in reversed(paragraphs):
+        done = [i for i in para if not rules.c4_terminal_punct or lines[i].strip().endswith(ends)]
+        body = para[: para.index(done[-1]) + 1] if done else []
+        tail = para[len(body):]
+        if len(body) == 1 and len(lines[body[0]].split()) < rules.c4_min_words_per_line:
+            keep[body[0]] = False  # a lone short sentence ("Read more.")
+            removed["c4_short_line"] += 1
+            body, after = [], -1
+        elif (len(tail) == 1 and 0 <= after < 2 and _ALPHA_WORD.search(lines[tail[0]])
+              and len(lines[tail[0]].split()) <= rules.c4_heading_words):
+            tail, after = [], 0 if body else after + 1  # a heading before kept text
+        else:
+            after = 0 if body else -1
+        for i in tail:
+            keep[i] = False
+            removed["c4_no_terminal_punct"] += 1
 
 
 def sentence_count(text: str) -> int:
@@ -308,6 +354,8 @@ class Cleaned(NamedTuple):
     repaired: bool
     ast_reverted: bool
     lines_removed: dict[str, int]
+    lines_in: int
+    """Non-blank lines after whitespace normalization, before the line rules."""
 
 
 def clean_document(raw: str, doc_id: str, cfg: CleanConfig, fixer: ftfy.TextFixerConfig) -> Cleaned:
@@ -317,9 +365,9 @@ def clean_document(raw: str, doc_id: str, cfg: CleanConfig, fixer: ftfy.TextFixe
     text = repair(raw, fixer)
     repaired = text != raw
     text = normalize_whitespace(text, profile)
-    removed, lines_left = dict.fromkeys(LINE_RULES, 0), None
+    removed, lines_left, lines_in = dict.fromkeys(LINE_RULES, 0), None, nonblank_lines(text)
     if (found := length_rejection(text, cfg)) is not None:  # before the line rules: what arrived
-        return Cleaned(text, profile, found, repaired, False, removed)
+        return Cleaned(text, profile, found, repaired, False, removed, lines_in)
     if profile == "prose":
         text, removed, lines_left = c4_line_filter(text, cfg.prose_rules)
     reverted = text != raw and doc_id.endswith((".py", ".pyi")) and not same_python_ast(raw, text)
@@ -329,7 +377,11 @@ def clean_document(raw: str, doc_id: str, cfg: CleanConfig, fixer: ftfy.TextFixe
         found = ("c4_lines_left", float(lines_left))
     else:
         found = rejection(text, profile, cfg)
-    return Cleaned(text, profile, found, repaired, reverted, removed)
+    return Cleaned(text, profile, found, repaired, reverted, removed, lines_in)
+
+
+def nonblank_lines(text: str) -> int:
+    return sum(1 for line in text.split("\n") if line.strip())
 
 
 def reasons_for(profiles: Iterable[str]) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from tasks.clean.filters import LINE_RULES, clean_document, fixer_config
+from tasks.clean.filters import LINE_RULES, Cleaned, clean_document, fixer_config, nonblank_lines
 from tasks.core.data_config import CleanConfig
 from tasks.core.units import DOC_SCHEMA, ParquetSink, finish_unit, read_done, start_unit
 from tasks.download.readers import read_shard
@@ -32,6 +32,7 @@ def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) 
     stats = {"repaired": 0, "ast_reverted": 0}
     lines_removed = dict.fromkeys(LINE_RULES, 0)
     profiles: dict[str, int] = {}
+    by_source: dict[str, dict] = {}  # per source: non-blank lines in, lines removed per rule/reason
     cleaning = 0.0  # seconds in repair, normalization, line rules and filters; the rest is I/O
     with ParquetSink(directory / "docs.parquet", DOC_SCHEMA) as docs, \
             ParquetSink(directory / "rejected.parquet", REJECT_SCHEMA) as rejected:
@@ -45,6 +46,7 @@ def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) 
             stats["ast_reverted"] += out.ast_reverted
             for rule, n in out.lines_removed.items():
                 lines_removed[rule] += n
+            _count_lines(by_source, doc["source"], out)
             if out.rejection is None:
                 docs.add(id=doc["id"], text=out.text, source=doc["source"])
                 counts["kept"] += 1
@@ -54,5 +56,18 @@ def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) 
                              n_chars=len(out.text), profile=out.profile)
                 counts[f"rejected:{reason}"] += 1
     summary = {"counts": counts, **stats, "lines_removed": lines_removed, "profiles": profiles,
-               "seconds": time.time() - started, "cleaning_seconds": cleaning}
+               "lines_by_source": by_source, "seconds": time.time() - started,
+               "cleaning_seconds": cleaning}
     return {**finish_unit(directory, summary, ["docs.parquet", "rejected.parquet"]), "reused": False}
+
+
+def _count_lines(by_source: dict[str, dict], source: str, out: Cleaned) -> None:
+    """Lines in, and lines removed by each line rule and (all lines left) by a document's rejection."""
+    acc = by_source.setdefault(source, {"lines": 0, "removed": {}, "profiles": {}})
+    acc["lines"] += out.lines_in
+    acc["profiles"][out.profile] = acc["profiles"].get(out.profile, 0) + 1
+    removed = {rule: n for rule, n in out.lines_removed.items() if n}
+    if out.rejection is not None and (n := nonblank_lines(out.text)):
+        removed[out.rejection[0]] = n
+    for rule, n in removed.items():
+        acc["removed"][rule] = acc["removed"].get(rule, 0) + n

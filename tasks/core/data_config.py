@@ -31,7 +31,18 @@ class SourceSpec(Section):
     meta_fields: list[str] | None = None
     """Fields kept in `meta` (None = every field except text and id; Pile: its `meta` object is kept)."""
     separator: str | None = None
-    """For .txt: split into one document per separator occurrence (None = one document per file)."""
+    """For text files: split into one document per separator occurrence, each document ending with
+    its separator, so the documents concatenated give back the file (None = no separator split; see
+    `doc_bytes`). Pieces holding only whitespace join the document before them."""
+    keep_separator: bool = True
+    """False: the separator is a pure delimiter (e.g. `<|endoftext|>`) and is left out of the text."""
+    doc_bytes: int | None = Field(default=8192, ge=256)
+    """Plain-text files (`.txt`, or `format: txt`) larger than this, with no `separator`, are split
+    into documents of about this many bytes: each ends at the first blank-line paragraph boundary
+    after this many bytes, the paragraph is cut at a line boundary only when it alone exceeds
+    4 x `doc_bytes`, and a last piece under half of it joins the document before it. Ids are
+    `<source>:<file>:1`, `:2`, ...; the documents concatenated give back the file. Smaller files and
+    code stay one document. None = one document per file."""
     weight: float = Field(default=1.0, gt=0)
     """Sampling weight of this source, recorded in the manifest for the stages after download."""
     auth: SecretStr | None = None
@@ -132,8 +143,19 @@ class ProseFilters(Section):
     c4_drop_noise_lines: bool = True
     """C4: remove lines mentioning javascript or cookie/terms-of-use boilerplate (lines, not documents)."""
     c4_terminal_punct: bool = True
-    """C4 (Raffel et al. 2020, section 2.2): keep only lines ending in a terminal punctuation mark
-    (`c4_end_marks`); the others are removed. FineWeb left this rule out: it removes much web text."""
+    """C4 (Raffel et al. 2020, section 2.2): keep only text ending in a terminal punctuation mark
+    (`c4_end_marks`), judged per `c4_unit`. FineWeb left this rule out: it removes much web text."""
+    c4_unit: Literal["paragraph", "line"] = "paragraph"
+    """What the terminal-punctuation and words-per-line rules judge. `line`: C4 exactly, each line
+    on its own (it removes verse, dialogue, headings and hard-wrapped prose: 72% of
+    tinyshakespeare's lines). `paragraph` (a run of non-blank lines): the lines up to a
+    paragraph's last line ending in a terminal mark are kept and the lines after it removed
+    (`c4_no_terminal_punct`); a one-line paragraph with fewer than `c4_min_words_per_line` words is
+    removed (`c4_short_line`); a line of at most `c4_heading_words` words left over by the first
+    rule (a paragraph of its own, or a paragraph's last line) is kept as a heading when kept text
+    follows it (at most two headings in a row)."""
+    c4_heading_words: int = Field(default=12, ge=0)
+    """Longest heading, in words, that the `paragraph` unit keeps before kept text (0 = none)."""
     c4_end_marks: list[str] = Field(default_factory=lambda: [".", "!", "?", '"', "\u201d"])
     """C4 section 2.2: period, exclamation mark, question mark, end quotation mark (ASCII or curly)."""
     c4_min_words_per_line: int = Field(default=3, ge=0)
@@ -179,7 +201,8 @@ class CleanConfig(Section):
         default_factory=lambda: {**{p: "code" for p in CODE_SUFFIX_PATTERNS},
                                  "*.txt": "prose", "*.md": "prose", "*.rst": "prose"})
     """Document id glob -> filter profile; the first match in order wins. Ids are
-    `<source>:<relative path>[:<jsonl line>]`, so suffix globs pick by file type."""
+    `<source>:<relative path>[:<n>]` (n: jsonl line or part of a split text file, ignored when
+    matching), so suffix globs pick by file type."""
     default_profile: Literal["prose", "code", "none"] = "prose"
     """Profile for documents no glob matches (`none` = length rules only)."""
     prose: dict[str, Any] = Field(default_factory=lambda: ProseFilters().model_dump())
@@ -272,8 +295,9 @@ class TokenizerConfig(Section):
     mixture_seed: int = 0
     """Seed of the per-document draws of fractional mixture weights."""
     mixture: dict[str, float] = Field(default_factory=dict)
-    """Weight in epochs per source label (the `source` column: e.g. 3.0 = every document three
-    times, 0.5 = half of them, drawn by a hash of the id and `mixture_seed`); unlisted sources 1.0.
+    """Weight in epochs per source label (the `source` column: a local source's base name, or a
+    remote source's URL; e.g. 3.0 = every document three times, 0.5 = half of them, drawn by a hash
+    of the id and `mixture_seed`); unlisted sources 1.0.
     Applies to the train split only."""
 
     @model_validator(mode="after")

@@ -4,11 +4,29 @@ Every field has a docstring (shown in the Prefect run form); `tasks/core/config.
 sections into PipelineConfig and loads presets."""
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.core.section import Section
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)", re.I)
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from a number or a duration such as `90`, `90s`, `2m`, `1h30m`, `1.5h`."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or _DURATION.sub("", text).strip():
+        raise ValueError(f"{value!r} is not a duration (seconds, or e.g. 90s, 2m, 1h30m)")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u.lower()] for n, u in parts)
 
 
 class ModelConfig(Section):
@@ -53,6 +71,13 @@ class TrainConfig(Section):
     whole rows of seq_len tokens)."""
     max_tokens: int | None = Field(default=None, gt=0)
     """Training length in target tokens; when set it replaces `max_steps`."""
+    max_time: float | None = Field(default=None, gt=0)
+    """Training length as a wall-clock budget (seconds, or e.g. `90s`, `2m`, `1h30m`) of the training
+    loop, summed over restarts; when set (or max_cpu_time) it replaces max_steps and max_tokens, and
+    the cosine decay follows the fraction of the budget used, so the run ends annealed at its floor."""
+    max_cpu_time: float | None = Field(default=None, gt=0)
+    """Training length as a CPU-time budget of the training process (all its threads; on several
+    processes, the busiest one), like max_time; with both set, whichever runs out first."""
     z_loss: float = Field(default=0.0, ge=0)
     """Weight of the z-loss (logsumexp(logits)^2, PaLM); 0 = off."""
     compile: bool = False
@@ -85,6 +110,16 @@ class TrainConfig(Section):
     """Peak FLOP/s of one device for MFU; None = looked up for known GPUs, no MFU on CPU."""
     in_process: bool = False
     """Train inside the calling process instead of a subprocess (tests, debugging; nproc must be 1)."""
+
+    @field_validator("max_time", "max_cpu_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value)
+
+    @property
+    def budgeted(self) -> bool:
+        """True when the run's length is a time budget rather than a step count."""
+        return bool(self.max_time or self.max_cpu_time)
 
     @model_validator(mode="after")
     def _train_shape(self) -> TrainConfig:

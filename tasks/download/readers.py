@@ -4,7 +4,8 @@
 anything unreadable (malformed JSON, a record without a string text field, invalid UTF-8, an empty
 document, a truncated or corrupt compressed stream), a (reason code, message) pair that the download
 stage writes to its quarantine ledger. Every byte of the file passes through the caller's hasher on
-the way. `read_shard` reads back the raw shards the download stage writes.
+the way. A text file is one document, or several cut at a separator or at paragraph boundaries
+(`tasks.download.textsplit`). `read_shard` reads back the raw shards the download stage writes.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Iterator
 import zstandard
 
 from tasks.download.sources import SourceFile
+from tasks.download.textsplit import paragraph_pieces, separator_pieces
 
 READ_CHUNK = 1 << 20
 ZSTD_READ_CHUNK = 1 << 17
@@ -135,26 +137,27 @@ def _text_doc(f: SourceFile, data: bytes, doc_id: str, start_line: int) -> Recor
     return start_line, {"id": doc_id, "text": text, "source": f.label, "meta": {}}
 
 
+def _splits_paragraphs(f: SourceFile) -> bool:
+    """Whether `doc_bytes` cuts this file: plain text (never code) larger than it."""
+    spec = f.spec
+    plain = spec.format == "txt" or (spec.format == "auto" and f.rel.lower().endswith(".txt"))
+    return spec.doc_bytes is not None and plain and f.path.stat().st_size > spec.doc_bytes
+
+
 def _text_records(f: SourceFile, hasher: Any) -> Iterator[Record]:
     sep = f.spec.separator
-    if not sep:  # one document per file (a text file is one document: read whole)
+    if not sep and not _splits_paragraphs(f):  # one document per file: read whole
         data = f.path.read_bytes()
         hasher.update(data)
         line, doc = _text_doc(f, data, f.doc_id, 1)
         yield (None if isinstance(doc, dict) or doc[0] == "empty" else line), doc
         return
-    # Split streaming: one document per separator, numbered from 1, located by its first line.
-    token, buf, line, index = sep.encode("utf-8"), b"", 1, 0
+    # Split streaming (tasks/download/textsplit.py): documents numbered from 1, located by first line.
     with open(f.path, "rb") as fh:
-        while chunk := fh.read(READ_CHUNK):
-            hasher.update(chunk)
-            *pieces, buf = (buf + chunk).split(token)
-            for piece in pieces:
-                index += 1
-                yield _text_doc(f, piece, f"{f.doc_id}:{index}", line)
-                line += piece.count(b"\n") + token.count(b"\n")
-    if buf.strip() or index == 0:  # what follows the last separator (a trailing newline is not a doc)
-        yield _text_doc(f, buf, f"{f.doc_id}:{index + 1}", line)
+        pieces = (separator_pieces(fh, sep, f.spec.keep_separator, hasher) if sep
+                  else paragraph_pieces(fh, f.spec.doc_bytes, hasher))
+        for index, (piece, line) in enumerate(pieces, 1):
+            yield _text_doc(f, piece, f"{f.doc_id}:{index}", line)
 
 
 def _make_doc(f: SourceFile, obj: Any, lineno: int, text_field: str) -> dict[str, Any] | Bad:

@@ -33,7 +33,8 @@ class SourceFile:
     """One file to read: where its bytes are, and the `sources` entry it came from."""
 
     label: str
-    """The `sources` entry this file came from (document ids start with it; never has credentials)."""
+    """Names the `sources` entry this file came from (document ids start with it; see
+    `source_labels`; never has credentials)."""
     path: Path
     """Where the bytes are read from (for a remote file: its place in the download cache)."""
     rel: str
@@ -111,8 +112,8 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def _remote_files(spec: SourceSpec, cache: Path, remote: Remote) -> list[SourceFile]:
-    url, label = spec.url, redact_url(spec.url)
+def _remote_files(spec: SourceSpec, cache: Path, remote: Remote, label: str) -> list[SourceFile]:
+    url = spec.url
     if url.startswith(("http://", "https://")):
         objects = [(url, spec.size or 0)]
     else:
@@ -132,13 +133,56 @@ def _remote_files(spec: SourceSpec, cache: Path, remote: Remote) -> list[SourceF
     return files
 
 
+def _local_root(text: str) -> tuple[str, ...] | None:
+    """The folders of a local entry's root (a directory, the file itself, or a glob's fixed part),
+    absolute, without the leading `/`; None for remote and `python-stdlib` entries."""
+    if text.startswith(REMOTE_PREFIXES) or text == STDLIB:
+        return None
+    path = os.path.expanduser(text)
+    root = _glob_root(path) if glob.has_magic(path) else Path(path)
+    return Path(os.path.abspath(root)).parts[1:] or ("root",)
+
+
+def source_labels(sources: list[str | SourceSpec]) -> list[str]:
+    """The label of each `sources` entry, which document ids start with and the `source` column
+    holds. A local entry is named by its root's base name (`/data/books` -> `books`, a file by its
+    file name), so ids, and the train/val split hashed from them, do not depend on where the corpus
+    sits or how its path was typed. Entries sharing a base name take parent folders until they
+    differ (`a/books`, `b/books`), then a glob's pattern (`dump/*.jsonl`), then `#2`, `#3`. A
+    remote entry is its URL without credentials; `python-stdlib` is itself."""
+    texts = [_spec(s).url for s in sources]
+    roots = [_local_root(t) for t in texts]
+    labels = [redact_url(t) if r is None else r[-1] for t, r in zip(texts, roots)]
+    for i, root in enumerate(roots):
+        if root is None:
+            continue
+        others = [r for r in roots if r is not None and r != root and r[-1] == root[-1]]
+        k = 1
+        while k < len(root) and any(o[-k:] == root[-k:] for o in others):
+            k += 1
+        labels[i] = "/".join(root[-k:])
+    shared = {label for label in labels if labels.count(label) > 1}
+    for i, (text, root) in enumerate(zip(texts, roots)):
+        if root is not None and glob.has_magic(text) and labels[i] in shared:
+            tail = Path(os.path.expanduser(text)).parts[len(_glob_root(os.path.expanduser(text)).parts):]
+            labels[i] += "/" + "/".join(tail)
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label}#{seen[label]}"
+    return labels
+
+
 def expand_source(source: str | SourceSpec, cache: Path | None = None,
-                  remote: Remote | None = None) -> list[SourceFile]:
-    """The files one `sources` entry stands for, sorted by relative path."""
+                  remote: Remote | None = None, label: str | None = None) -> list[SourceFile]:
+    """The files one `sources` entry stands for, sorted by relative path; `label` names them
+    (default: the entry's label on its own, see `source_labels`)."""
     spec = _spec(source)
     text = spec.url
+    label = label or source_labels([spec])[0]
     if text.startswith(REMOTE_PREFIXES):
-        files = _remote_files(spec, Path(cache or CACHE_DIR), remote or Remote())
+        files = _remote_files(spec, Path(cache or CACHE_DIR), remote or Remote(), label)
     elif text == STDLIB:
         root = Path(sysconfig.get_paths()["stdlib"])
         files = list(_walk(root, STDLIB, spec, frozenset({".py"})))
@@ -148,19 +192,19 @@ def expand_source(source: str | SourceSpec, cache: Path | None = None,
         for match in glob.glob(pattern, recursive=True):
             p = Path(match)
             if p.is_dir():
-                files += _walk(p, text, spec, base=root)
+                files += _walk(p, label, spec, base=root)
             elif p.is_file() and (file_kind(p.name) or spec.format != "auto") \
                     and not p.name.startswith("."):
-                files.append(_source_file(p, text, root, spec))
+                files.append(_source_file(p, label, root, spec))
     else:
         path = Path(text).expanduser()
         if path.is_dir():
-            files = list(_walk(path, text, spec))
+            files = list(_walk(path, label, spec))
         elif path.is_file():
             if file_kind(path.name) is None and spec.format == "auto":
                 raise ValueError(f"corpus source {text!r}: unsupported file type; expected .jsonl, "
                                  f".jsonl.zst, .json.gz, .parquet or one of {sorted(TEXT_SUFFIXES)}")
-            files = [_source_file(path, text, path.parent, spec)]
+            files = [_source_file(path, label, path.parent, spec)]
         else:
             raise FileNotFoundError(f"corpus source {text!r} does not exist")
     if not files:
@@ -193,8 +237,8 @@ def list_sources(cfg: CorpusConfig, workspace: str | Path | None = None,
     taken: list[SourceFile] = []
     seen: set[Any] = set()
     total, capped = 0, False
-    for source in cfg.sources:
-        for f in expand_source(source, cache, remote):  # every source expanded: a missing one fails
+    for source, label in zip(cfg.sources, source_labels(cfg.sources)):
+        for f in expand_source(source, cache, remote, label):  # each expanded: a missing one fails
             key = f.url or f.path
             if key in seen:
                 continue

@@ -28,7 +28,7 @@ from tasks.download.sources import SourceFile, list_sources, remote_access
 from tasks.core.protocol import (Computed, Stage, StageResult, atomic_path, check_accounting, file_entry,
                                  run_stage, sha256_file)
 
-STAGE = Stage("download", version=2, module=__name__, section="corpus",
+STAGE = Stage("download", version=3, module=__name__, section="corpus",
               info_keys=("capped", "shards", "source_bytes", "quarantine_reasons"))
 ZSTD_LEVEL = 3
 QUARANTINE = "quarantine.jsonl"

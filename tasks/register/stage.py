@@ -80,11 +80,22 @@ def text_bpb(model_dir: str | Path, docs: list[str]) -> float:
     return nll / math.log(2) / sum(len(d.encode("utf-8")) for d in docs)
 
 
-def gate(cfg: RegistryConfig, c, candidate: str, model_dir: str, tokens_dir: str) -> dict:
-    """Decide champion or challenger for `candidate`; records the decision on the version."""
+def gate(cfg: RegistryConfig, c, candidate: str, model_dir: str, tokens_dir: str, metrics: dict) -> dict:
+    """Decide champion or challenger for `candidate`; records the decision on the version. A model
+    that does not beat the unigram baseline on its own validation targets is never champion."""
     champion = registry.alias_version(c, cfg.model_name, registry.CHAMPION)
     if champion == candidate:  # a rerun after this version was already promoted
         return {"alias": registry.CHAMPION, "reason": "already champion", "champion_before": champion}
+    ours, base = metrics["val_bpb"], metrics["unigram_val_bpb"]
+    if not ours < base:
+        reason = (f"val bpb {ours:.4f} does not beat the unigram baseline {base:.4f} on the same "
+                  f"{metrics.get('val_tokens', 0):.0f} validation tokens: not promoted")
+        c.set_model_version_tag(cfg.model_name, candidate, "gate.baseline", "not beaten")
+        registry.mark_challenger(c, cfg.model_name, candidate, reason)
+        return {"alias": registry.CHALLENGER, "reason": reason, "champion_before": champion,
+                "candidate_val_bpb": ours, "unigram_val_bpb": base}
+    c.set_model_version_tag(cfg.model_name, candidate, "gate.baseline",
+                            f"beaten: {ours:.4f} < unigram {base:.4f} bits/byte")
     if champion is None:
         registry.promote(c, cfg.model_name, candidate, "first model")
         return {"alias": registry.CHAMPION, "reason": "first model", "champion_before": None}
@@ -220,7 +231,7 @@ def _register(cfg: RegistryConfig, upstream: StageResult, lineage: list[StageRes
     existing = _existing_version(c, cfg, fp)
     version = str(existing.version) if existing is not None else \
         _register_new(c, cfg, fp, upstream, lineage, params, workspace, run_tags)
-    decision = gate(cfg, c, version, upstream.info["model_dir"], tokens.path)
+    decision = gate(cfg, c, version, upstream.info["model_dir"], tokens.path, metrics)
     record = {"model_name": cfg.model_name, "version": version, "alias": decision["alias"],
               "run_id": upstream.info["run_id"], "metric": {cfg.metric: metrics[cfg.metric]}, "gate": decision}
     write_json_atomic(out / "registration.json", record)

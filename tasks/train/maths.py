@@ -17,14 +17,27 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
               "L4": 121e12, "4090": 165e12}
 
 
-def lr_at(step: int, cfg: Any) -> float:
-    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak (EleutherAI's schedule)."""
+def lr_at(step: int, cfg: Any, fraction: float | None = None) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak (EleutherAI's schedule).
+
+    Step-based runs decay over `max_steps`; a budgeted run (`fraction` = share of the time budget
+    used) decays by that fraction instead, scaled by the warmup ramp of its first `warmup_steps`."""
+    floor = cfg.lr * cfg.min_lr_ratio
+    if fraction is not None:
+        ramp = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        progress = min(1.0, max(0.0, fraction))
+        return ramp * (floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def budget_fraction(cfg: Any, wall_s: float, cpu_s: float) -> float | None:
+    """Share of the time budget used (the larger of wall and CPU when both are set); None: no budget."""
+    shares = [used / budget for used, budget in ((wall_s, cfg.max_time), (cpu_s, cfg.max_cpu_time)) if budget]
+    return max(shares) if shares else None
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch.optim.AdamW:
@@ -50,7 +63,10 @@ def batch_shape(cfg: Any, seq_len: int, world: int) -> tuple[int, int, int]:
     return rows, per_rank, per_rank // micro
 
 
-def total_steps(cfg: Any, rows_per_step: int, seq_len: int) -> int:
+def total_steps(cfg: Any, rows_per_step: int, seq_len: int) -> int | None:
+    """Steps the run takes (None for a time budget: it ends when the budget is used)."""
+    if cfg.max_time or cfg.max_cpu_time:
+        return None
     return math.ceil(cfg.max_tokens / (rows_per_step * seq_len)) if cfg.max_tokens else cfg.max_steps
 
 

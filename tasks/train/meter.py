@@ -17,12 +17,21 @@ class Meter:
     def __init__(self, step: int, tokens_seen: int):
         self.t_start = self.t_last = time.perf_counter()
         self.step_start, self.tok_last = step, tokens_seen
+        self.fraction_start: float | None = None
 
-    def tick(self, step: int, tokens_seen: int, steps_total: int) -> tuple[float, float | None]:
-        """(tokens/s since the last tick, seconds to `steps_total` or None before any progress)."""
+    def tick(self, step: int, tokens_seen: int, steps_total: int | None,
+             fraction: float | None = None) -> tuple[float, float | None]:
+        """(tokens/s since the last tick, seconds to `steps_total` -- or to the end of the time budget,
+        from the share of it used -- or None before any progress)."""
         now = time.perf_counter()
         tps = (tokens_seen - self.tok_last) / max(now - self.t_last, 1e-9)
         self.t_last, self.tok_last = now, tokens_seen
+        if steps_total is None:
+            if self.fraction_start is None:
+                self.fraction_start = fraction
+            done = (fraction or 0.0) - (self.fraction_start or 0.0)
+            rate = done / max(now - self.t_start, 1e-9)
+            return tps, ((1.0 - (fraction or 0.0)) / rate if rate > 0 else None)
         rate = (step - self.step_start) / max(now - self.t_start, 1e-9)
         return tps, ((steps_total - step) / rate if rate > 0 else None)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import subprocess
 import sys
 from collections import deque
@@ -29,9 +30,9 @@ from tasks.train.curves import log_loss_curve
 from tasks.train.spec import TrainSpec
 from tasks.train.trainer import ERROR, METRICS, PROGRESS, RESULT, train_loop
 
-STAGE = Stage("train", version=2, module=__name__, section="train", inputs=("tokenize",),
+STAGE = Stage("train", version=3, module=__name__, section="train", inputs=("tokenize",),
               info_keys=("run_id", "model_dir", "steps", "final_loss", "tokens_seen", "num_parameters",
-                         "skipped_steps", "val_loss", "init_from"))
+                         "skipped_steps", "val_loss", "init_from", "train_wall_s", "train_cpu_s"))
 NOT_FINGERPRINTED = {"in_process", "nproc", "parallel", "nnodes", "rdzv_endpoint"}  # how
 # the loop is launched, not what it computes: a run resumes on another number of processes and under
 # DDP or FSDP (both equal one process to fp32 rounding on CPU; consolidated checkpoints)
@@ -190,7 +191,8 @@ def _train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspac
            run_name: str, log: Callable[[str], None],
            progress: Callable[[dict[str, Any]], None] | None) -> Computed:
     init_dir = resolve_init(cfg, workspace, out)
-    mcfg = init_model_config(init_dir, model, upstream)
+    # the rows' length goes with the model: evaluation scores in windows of the context it learned
+    mcfg = replace(init_model_config(init_dir, model, upstream), trained_context=upstream.info["seq_len"])
     c = tracking.client(workspace)
     ckpt = latest_checkpoint(out / "checkpoints")
     run_id = read_state(ckpt).get("run_id") if ckpt is not None else None
@@ -224,6 +226,10 @@ def _train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspac
     log_loss_curve(c, run_id)
     c.set_tag(run_id, "neo.device", res["device"])
     c.set_tag(run_id, "neo.world_size", str(res["world_size"]))
+    if cfg.budgeted:  # the run's length was time: say how much it got and used
+        c.set_tag(run_id, "neo.train_budget", f"max_time={cfg.max_time} max_cpu_time={cfg.max_cpu_time}")
+        c.set_tag(run_id, "neo.train_used", f"wall {res['train_wall_s']:.1f} s, cpu {res['train_cpu_s']:.1f} s, "
+                                            f"{res['steps']} steps")
     c.set_terminated(run_id, "FINISHED")
     files = [file_entry(p, out) for p in sorted(model_dir.iterdir())]
     return Computed({"steps": res["steps"], "tokens_seen": res["tokens_seen"],
@@ -231,7 +237,8 @@ def _train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspac
         neo_model=mcfg.to_hf_dict(), run_id=run_id, model_dir=str(model_dir), steps=res["steps"],
         final_loss=res["final_loss"], tokens_seen=res["tokens_seen"], num_parameters=res["num_parameters"],
         device=res["device"], skipped_steps=res["skipped_steps"], val_loss=res["val_loss"],
-        init_from=cfg.init_from, world_size=res["world_size"]))
+        init_from=cfg.init_from, world_size=res["world_size"], train_wall_s=res.get("train_wall_s"),
+        train_cpu_s=res.get("train_cpu_s")))
 
 
 def describe(result: StageResult) -> tuple[str, list[str]]:

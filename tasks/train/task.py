@@ -22,9 +22,11 @@ def train(cfg: TrainConfig, model: ModelConfig, upstream: StageResult, workspace
     artifact: dict[str, Any] = {}
 
     def progress(p: dict[str, Any]) -> None:
-        pct = 100.0 * p["step"] / p["max_steps"]
+        budgeted = p.get("max_steps") is None  # a time budget: progress is the share of it used
+        pct = 100.0 * (min(1.0, p["fraction"]) if budgeted else p["step"] / p["max_steps"])
         eta = "?" if p.get("eta_s") is None else f"{p['eta_s']:.0f} s"
-        desc = (f"step {p['step']}/{p['max_steps']}, loss {p['loss']:.4f}, "
+        where = f" ({pct:.0f}% of the time budget)" if budgeted else f"/{p['max_steps']}"
+        desc = (f"step {p['step']}{where}, loss {p['loss']:.4f}, "
                 f"{p['tokens_per_s']:,.0f} tokens/s, ETA {eta}")
         try:
             if "id" not in artifact:

@@ -14,8 +14,7 @@ the model with FSDP2 per transformer block and the root (`neo_model.parallel`; b
 fp32 master weights and reduction). Checkpoints and the final model hold the consolidated state either
 way (gathered to rank 0), so a run saved under FSDP resumes under DDP or in one process and vice versa.
 
-Test hooks (kill, fail or NaN at a given step) come from the environment (tasks/train/faults.py);
-tokens/s, ETA and host metrics from tasks/train/meter.py.
+Test hooks come from tasks/train/faults.py, metrics from meter.py, the run's length from budget.py.
 """
 from __future__ import annotations
 
@@ -39,9 +38,9 @@ from neo_model.parallel import full_tensor, shard
 from tasks.core.train_config import TrainConfig
 from tasks.train.faults import Faults
 from tasks.train.loader import TokenLoader
+from tasks.train.budget import Clock, length, update_progress
 from tasks.train.meter import Meter, system_metrics
-from tasks.train.maths import (batch_shape, lr_at, make_optimizer, peak_flops, peak_memory_mb, step_loss,
-                               total_steps)
+from tasks.train.maths import batch_shape, lr_at, make_optimizer, peak_flops, peak_memory_mb, step_loss, total_steps
 from tasks.train.spec import TrainSpec
 
 PROGRESS, METRICS, ERROR = "NEO_PROGRESS ", "NEO_METRICS ", "NEO_ERROR "  # line prefixes the parent reads
@@ -55,9 +54,11 @@ def train_loop(spec: TrainSpec, emit: Callable[[str], None] = print) -> dict[str
     stream = run.loader.stream()
     run.model.train()
     meter = Meter(state.step, state.tokens_seen)
-    while state.step < run.steps_total:
+    clock = Clock()
+    while not state.done:
         faults.before_step(state.step, run.resumed)
         train_step(run, state, stream, faults)
+        clock.advance(run, state)
         val_now = maybe_validate(run, state)
         maybe_log(run, state, meter, val_now)
         maybe_checkpoint(run, state, val_now)
@@ -84,7 +85,7 @@ class Run:
     val_loader: TokenLoader | None
     per_rank: int  # rows per step on this rank
     accum: int  # micro-batches per step
-    steps_total: int
+    steps_total: int | None  # None: a time budget (train.max_time / max_cpu_time) ends the run
     tokens_per_step: int
     mcfg: GPTNeoConfig
     net: GPTNeo  # the module itself (FSDP-sharded in place): clipping, validation, checkpoints
@@ -113,6 +114,10 @@ class State:
     grad_norm: float = float("nan")
     val_loss: float | None = None
     best_val: float | None = None
+    wall_s: float = 0.0  # training-loop time used, summed over restarts (saved in checkpoints)
+    cpu_s: float = 0.0  # CPU time of the training process over the same span (the busiest rank's)
+    fraction: float | None = None  # share of the time budget used; None for a step-based run
+    done: bool = False  # the run reached its end (last step or budget): validate, log and save now
 
 
 def setup(spec: TrainSpec, emit: Callable[[str], None]) -> tuple[Run, State]:
@@ -157,13 +162,14 @@ def setup(spec: TrainSpec, emit: Callable[[str], None]) -> tuple[Run, State]:
         val_loader = TokenLoader(spec.tokens_dir, "val", batch_size=per_rank // accum, seed=cfg.seed,
                                  rank=rank, world_size=world)
     run = Run(spec=spec, out=Path(spec.out_dir), ckpt_root=Path(spec.out_dir) / "checkpoints", cfg=cfg,
-              sched=cfg.model_copy(update={"max_steps": steps_total}), rank=rank, world=world,
+              sched=cfg.model_copy(update={"max_steps": steps_total or cfg.max_steps}), rank=rank, world=world,
               device=device, say=say, loader=loader, val_loader=val_loader, per_rank=per_rank, accum=accum,
               steps_total=steps_total, tokens_per_step=rows_per_step * seq_len, mcfg=mcfg, net=net,
               model=model, fwd=fwd, opt=opt, autocast=autocast, sharded=sharded, resumed=ckpt is not None,
               n_params=n_params, fpt=fpt, peak=peak_flops(cfg, device))
+    update_progress(run, state)
     mode = ("FSDP" if sharded else "DDP") if world > 1 else "single process"
-    say(f"training {n_params:,} parameters on {world} x {device.type} ({mode}): {steps_total} steps of "
+    say(f"training {n_params:,} parameters on {world} x {device.type} ({mode}): {length(run)}, steps of "
         f"{rows_per_step} rows ({run.tokens_per_step:,} tokens, {accum} micro-batch(es) per process)")
     return run, state
 
@@ -218,6 +224,7 @@ def resume(ckpt: Path, net: GPTNeo, opt: torch.optim.Optimizer, loader: TokenLoa
     saved = load_checkpoint(ckpt, net, opt, rank=rank)
     state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
     state.skipped = saved.get("skipped_steps", 0)
+    state.wall_s, state.cpu_s = saved.get("wall_s", 0.0), saved.get("cpu_s", 0.0)
     loader.load_state_dict(saved["loader"])
     say(f"resuming from {ckpt} (step {state.step}, MLflow run {saved['run_id']}, "
         f"saved on {saved.get('world_size', 1)} process(es), now {world})")
@@ -232,7 +239,7 @@ def train_step(run: Run, state: State, stream: Iterator[tuple[torch.Tensor, torc
     clip, then step, or skip the step when any rank's loss or gradient is not finite."""
     # dropout depends on (seed, step, rank) only, not on how often the run was restarted
     torch.manual_seed(run.cfg.seed * 1_000_003 + state.step * 1_009 + run.rank)
-    state.lr = lr_at(state.step, run.sched)
+    state.lr = lr_at(state.step, run.sched, state.fraction)
     for group in run.opt.param_groups:
         group["lr"] = state.lr
     x_all, y_all = next(stream)
@@ -296,7 +303,7 @@ def maybe_validate(run: Run, state: State) -> bool:
     of the val order (all ranks); True when it ran. A sharded model's forward is a collective: a rank
     left without rows runs one on a dummy row, unscored."""
     every = run.cfg.val_every
-    if not (every and (state.step % every == 0 or state.step == run.steps_total)):
+    if not (every and (state.step % every == 0 or state.done)):
         return False
     net, loader, device = run.net, run.val_loader, run.device
     loader.load_state_dict({**loader.state_dict(), "epoch": 0, "position": 0})
@@ -324,22 +331,27 @@ def maybe_validate(run: Run, state: State) -> bool:
 def maybe_log(run: Run, state: State, meter: Meter, val_now: bool) -> None:
     """Rank 0, every `log_every` steps and at the end: metrics (for MLflow), a line, progress (Prefect)."""
     step = state.step
-    if run.rank != 0 or not (step % run.cfg.log_every == 0 or step == run.steps_total):
+    if run.rank != 0 or not (step % run.cfg.log_every == 0 or state.done):
         return
-    tps, eta = meter.tick(step, state.tokens_seen, run.steps_total)
+    tps, eta = meter.tick(step, state.tokens_seen, run.steps_total, state.fraction)
     metrics = {"train_loss": state.loss, "lr": state.lr, "grad_norm": state.grad_norm, "tokens_per_s": tps,
                "flops_per_s": tps * run.fpt, "peak_memory_mb": peak_memory_mb(run.device),
-               "skipped_steps": state.skipped, "tokens_seen": state.tokens_seen, **system_metrics()}
+               "skipped_steps": state.skipped, "tokens_seen": state.tokens_seen, "train_wall_s": state.wall_s,
+               "train_cpu_s": state.cpu_s, **system_metrics()}
     if run.peak:
         metrics["mfu"] = tps * run.fpt / (run.peak * run.world)
     if val_now:
         metrics["val_loss"] = state.val_loss
+    if state.fraction is not None:
+        metrics["budget_fraction"] = state.fraction
     metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}  # a skipped step's NaN loss: left out
     run.say(METRICS + json.dumps({"step": step, "metrics": metrics}))
-    run.say(f"step {step}/{run.steps_total} loss {state.loss:.4f} lr {state.lr:.2e} {tps:,.0f} tok/s"
+    where = f"/{run.steps_total}" if state.fraction is None else f" ({state.fraction:.0%} of budget)"
+    run.say(f"step {step}{where} loss {state.loss:.4f} lr {state.lr:.2e} {tps:,.0f} tok/s"
             + (f" val {state.val_loss:.4f}" if val_now else ""))
-    run.say(PROGRESS + json.dumps({"step": step, "max_steps": run.steps_total, "loss": state.loss,
-                                   "tokens_per_s": tps, "eta_s": eta, "val_loss": state.val_loss}))
+    run.say(PROGRESS + json.dumps({"step": step, "max_steps": run.steps_total, "fraction": state.fraction,
+                                   "loss": state.loss, "tokens_per_s": tps, "eta_s": eta,
+                                   "val_loss": state.val_loss}))
 
 
 def maybe_checkpoint(run: Run, state: State, val_now: bool) -> None:
@@ -347,14 +359,15 @@ def maybe_checkpoint(run: Run, state: State, val_now: bool) -> None:
     from the shards on every rank, written by rank 0) with the counters and the loader's position."""
     step = state.step
     # no checkpoint inside a streak of skipped steps: the last good one stays the newest
-    if not (should_save(step, run.cfg.checkpoint_every, run.steps_total)
-            and (state.consecutive == 0 or step == run.steps_total)):
+    if not ((state.done or should_save(step, run.cfg.checkpoint_every, -1))
+            and (state.consecutive == 0 or state.done)):
         return
     weights, optim = training_state(run.net, run.opt) if run.sharded or run.rank == 0 else ({}, {})
     if run.rank == 0:
         saved = {"tokens_seen": state.tokens_seen, "run_id": run.spec.run_id,
                  "train_fingerprint": run.spec.fingerprint, "loader": run.loader.state_dict(),
-                 "skipped_steps": state.skipped, "world_size": run.world}
+                 "skipped_steps": state.skipped, "world_size": run.world, "wall_s": state.wall_s,
+                 "cpu_s": state.cpu_s}
         if val_now:
             saved["val_loss"] = state.val_loss
         save_checkpoint(run.ckpt_root, step, run.mcfg, weights, optim, saved, keep=run.cfg.keep_last)
@@ -371,7 +384,8 @@ def finish(run: Run, state: State) -> dict[str, Any]:
     result = {"steps": state.step, "tokens_seen": state.tokens_seen, "final_loss": state.loss,
               "skipped_steps": state.skipped, "num_parameters": run.n_params, "device": run.device.type,
               "world_size": run.world, "val_loss": state.val_loss, "best_val_loss": state.best_val,
-              "flops_per_token": run.fpt}
+              "flops_per_token": run.fpt, "train_wall_s": state.wall_s, "train_cpu_s": state.cpu_s,
+              "budget_fraction": state.fraction}
     weights = training_state(run.net, None)[0] if run.sharded or run.rank == 0 else {}
     if run.rank == 0:
         model_dir = run.out / "model"

@@ -2,7 +2,8 @@
 
 word_perplexity = exp(NLL / words), byte_perplexity = exp(NLL / UTF-8 bytes),
 bits_per_byte = NLL / bytes / ln 2, token_perplexity = exp(NLL / tokens). A file is one document,
-or several split by `spec.separator`; each document is scored with `rolling_nll`.
+or several split by `spec.separator`; each document is scored with `rolling_nll` in windows of the
+context the model was trained at (`window`, reported with the `stride`).
 """
 from __future__ import annotations
 
@@ -37,4 +38,5 @@ def run_perplexity(spec, model, tokenizer) -> dict[str, float]:
         raise ValueError(f"eval task {spec.name!r}: no text in {spec.path}")
     return {"word_perplexity": math.exp(nll / words), "byte_perplexity": math.exp(nll / nbytes),
             "bits_per_byte": nll / nbytes / math.log(2), "token_perplexity": math.exp(nll / ntokens),
-            "documents": float(len(documents(spec)))}
+            "documents": float(len(documents(spec))), "window": float(model.config.context),
+            "stride": float(min(spec.stride or model.config.context, model.config.context))}

@@ -2,7 +2,8 @@
 
 - `continuation_loglik`: log p(continuation | context) summed over the continuation's tokens, and
   whether greedy decoding would have produced exactly the continuation (LAMBADA-style accuracy).
-- `rolling_nll`: total NLL of a text scored in windows of at most the model's context, every token
+- `rolling_nll`: total NLL of a text scored in windows of at most the model's context (the context it
+  was trained at, `config.context`; a model trained on short rows scores badly at unseen positions), every token
   predicted exactly once, the first from an `<|endoftext|>` prefix, the way lm-evaluation-harness
   scores `loglikelihood_rolling`. With `stride < context`, windows overlap so each token after the
   first window sees `context - stride` tokens of history (the strided perplexity of HF's guide).
@@ -40,7 +41,7 @@ def continuation_loglik(model, requests: list[tuple[list[int], list[int]]],
                         batch_size: int = 8) -> list[tuple[float, bool]]:
     """[(context ids, continuation ids)] -> [(sum log-prob of continuation, is greedy)]."""
     model.eval()
-    max_len = model.config.max_position_embeddings
+    max_len = model.config.context
     out: list[tuple[float, bool]] = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start:start + batch_size]
@@ -66,22 +67,33 @@ def continuation_loglik(model, requests: list[tuple[list[int], list[int]]],
     return out
 
 
-@torch.no_grad()
-def rolling_nll(model, ids: list[int], eos_id: int, stride: int | None = None) -> float:
-    """Total NLL (nats) of `ids`, each token predicted once with up to a full context of history."""
-    model.eval()
-    max_len = model.config.max_position_embeddings
-    stride = min(stride or max_len, max_len)
-    tokens = [eos_id] + list(ids)
-    total, scored = 0.0, 1  # tokens[0] (the prefix) is never a target
-    while scored < len(tokens):
-        end = min(scored + stride, len(tokens))
-        begin = max(0, end - 1 - max_len)
-        inp = torch.tensor([tokens[begin:end - 1]], device=_device(model))
-        tgt = torch.tensor(tokens[begin + 1:end], device=_device(model))
-        logits, _ = model(inp)
-        logp = torch.log_softmax(logits[0].float(), dim=-1)
-        new = end - scored  # only targets not scored by an earlier window
-        total -= float(logp[-new:].gather(1, tgt[-new:, None]).sum())
+def rolling_windows(n_tokens: int, context: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(begin, end, new) windows over `n_tokens` tokens (the first being the `<|endoftext|>` prefix):
+    inputs tokens[begin:end-1], targets tokens[begin+1:end], of which the last `new` are scored."""
+    stride = min(stride or context, context)
+    windows, scored = [], 1  # tokens[0] (the prefix) is never a target
+    while scored < n_tokens:
+        end = min(scored + stride, n_tokens)
+        windows.append((max(0, end - 1 - context), end, end - scored))
         scored = end
+    return windows
+
+
+@torch.no_grad()
+def rolling_nll(model, ids: list[int], eos_id: int, stride: int | None = None, batch_size: int = 8) -> float:
+    """Total NLL (nats) of `ids`, each token predicted once with up to a full context of history;
+    windows of equal width run `batch_size` at a time."""
+    model.eval()
+    tokens = torch.tensor([eos_id] + list(ids), dtype=torch.long)
+    by_width: dict[int, list[tuple[int, int, int]]] = {}
+    for w in rolling_windows(len(tokens), model.config.context, stride):
+        by_width.setdefault(w[1] - 1 - w[0], []).append(w)
+    total = 0.0
+    for group in by_width.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            inp = torch.stack([tokens[b:e - 1] for b, e, _ in chunk]).to(_device(model))
+            tgt = torch.stack([tokens[b + 1:e] for b, e, _ in chunk]).to(_device(model))
+            nll = model.token_nll(inp, tgt).double()  # (B, width)
+            total += sum(float(nll[j, -new:].sum()) for j, (_, _, new) in enumerate(chunk))
     return total

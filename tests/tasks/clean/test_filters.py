@@ -5,6 +5,7 @@ import ast
 import pytest
 
 from planted_corpus import base_doc, vocabulary
+from verse_corpus import VERSE
 from tasks.core.data_config import CleanConfig
 from tasks.clean.filters import (LINE_RULES, REASONS, c4_line_filter, clean_document, fixer_config,
                            normalize_whitespace, profile_for, rejection, repair, same_python_ast)
@@ -68,7 +69,7 @@ def test_every_reason_has_a_sample_that_triggers_it():
 
 
 def test_c4_line_rules_remove_lines_and_count_them_per_rule():
-    rules = CFG.prose_rules
+    rules = CFG.prose_rules.model_copy(update={"c4_unit": "line"})  # C4 exactly
     good = "The river runs past the town and the mill.\n"
     text = (good + "Please enable JavaScript to view the comments.\n" + "A heading without a full stop\n"
             + "\n" + "Too short.\n" + good + "\u201cQuoted, as it ends.\u201d\n")
@@ -79,6 +80,42 @@ def test_c4_line_rules_remove_lines_and_count_them_per_rule():
     assert c4_line_filter(good * 2, rules) == (good * 2, dict.fromkeys(LINE_RULES, 0), 2)
     loose = rules.model_copy(update={"c4_terminal_punct": False, "c4_min_words_per_line": 0})
     assert c4_line_filter(text, loose)[1] == {"c4_noise": 1, "c4_no_terminal_punct": 0, "c4_short_line": 0}
+
+
+def test_paragraph_unit_keeps_verse_dialogue_and_headings():
+    rules = CFG.prose_rules
+    assert rules.c4_unit == "paragraph"  # the default
+    assert c4_line_filter(VERSE, rules) == (VERSE, dict.fromkeys(LINE_RULES, 0), 25)
+    # C4's own rule, still available, removes 18 of the 25 lines: verse lines ending in , ; : or
+    # nothing, speaker tags, headings
+    out, removed, left = c4_line_filter(VERSE, rules.model_copy(update={"c4_unit": "line"}))
+    assert removed == {"c4_noise": 0, "c4_no_terminal_punct": 18, "c4_short_line": 0} and left == 7
+    assert "ROMEO:" not in out and "Thou art more lovely" not in out and "ACT II" not in out
+    # the whole default prose profile keeps it as it is
+    fixer = fixer_config(CleanConfig())
+    kept = clean_document(VERSE, "plays:verse.txt", CleanConfig(), fixer)
+    assert kept.rejection is None and kept.text == VERSE and kept.lines_in == 25
+    # a paragraph's unfinished last line before kept text is a heading too
+    text = "It ends well here, as it should.\nChapter 2\n\nThe next part starts and ends here.\n"
+    assert c4_line_filter(text, rules)[0] == text
+
+
+def test_paragraph_unit_still_removes_boilerplate():
+    rules = CFG.prose_rules
+    text = ("Home\nAbout us\nContact\n\n"  # a menu: no line ends a sentence
+            "Share\n\nReply\n\nPrint\n\n"  # lone lines: at most two headings before kept text
+            "The river runs past the town and the mill.\nPlease enable JavaScript to read on.\n"
+            "It turns by the old bridge,\nand then it runs on\n\n"  # an unfinished sentence
+            "Read on.\n\n"  # a lone short sentence
+            "A last heading\n")  # no kept text after it
+    out, removed, left = c4_line_filter(text, rules)
+    assert out == "Reply\n\nPrint\n\nThe river runs past the town and the mill.\n"
+    assert removed == {"c4_noise": 1, "c4_no_terminal_punct": 7, "c4_short_line": 1} and left == 3
+    out, removed, left = c4_line_filter(text, rules.model_copy(update={"c4_unit": "line"}))
+    assert out == "The river runs past the town and the mill.\n" and left == 1
+    assert removed == {"c4_noise": 1, "c4_no_terminal_punct": 9, "c4_short_line": 1}
+    no_headings = rules.model_copy(update={"c4_heading_words": 0})
+    assert c4_line_filter(text, no_headings)[0] == "The river runs past the town and the mill.\n"
 
 
 def test_document_left_without_lines_gets_its_own_reason():
@@ -135,6 +172,9 @@ def test_profile_choice_by_id_glob():
     assert profile_for("python-stdlib:json/__init__.py", cfg) == "code"
     assert profile_for("corpus:notes.txt", cfg) == "prose"
     assert profile_for("corpus:data.jsonl:3", cfg) == cfg.default_profile == "prose"
+    # a part of a split text file (or a jsonl line) is matched without its `:<n>`
+    assert profile_for("books:big.txt:12", CleanConfig(default_profile="none")) == "prose"
+    assert profile_for("python-stdlib:json/__init__.py:3", cfg) == "code"
     custom = CleanConfig(profiles={"*.jsonl:*": "code"}, default_profile="none")
     assert profile_for("corpus:data.jsonl:3", custom) == "code"
     assert profile_for("corpus:x.py", custom) == "none"

@@ -113,8 +113,8 @@ def test_interrupted_part_file_resumes_on_next_call(origin, tmp_path):
 def test_cached_copy_is_rechecked(origin, tmp_path):
     url = origin.add("/a.bin", DATA)
     fetch(url, tmp_path / "a.bin", policy=FAST)
-    with open(tmp_path / "a.bin", "r+b") as f:  # same size, different bytes
-        f.write(b"X")
+    with open(tmp_path / "a.bin", "r+b") as f:  # same size, a different first byte (DATA is random)
+        f.write(bytes([DATA[0] ^ 0xFF]))
     assert cached(tmp_path / "a.bin") is None
     got = fetch(url, tmp_path / "a.bin", policy=FAST)
     assert got.sha256 == SHA and not got.reused and origin.gets["/a.bin"] == 2

@@ -73,6 +73,34 @@ def test_rolling_nll_long_text_scores_every_token_once(model, tok):
     assert rolling_nll(model, ids, eos_id=0, stride=8) != pytest.approx(want, abs=1e-3)
 
 
+def test_rolling_nll_batched_windows_equal_one_at_a_time(model, tok):
+    ids = tok.encode(TEXT * 2).ids
+    for stride in (None, 8):
+        one = rolling_nll(model, ids, eos_id=0, stride=stride, batch_size=1)
+        assert rolling_nll(model, ids, eos_id=0, stride=stride, batch_size=16) == pytest.approx(one, rel=1e-6)
+
+
+def test_windows_are_the_trained_context_not_every_position(model, tok, tmp_path):
+    """A model trained on 16-token rows is scored in 16-token windows (its later positions never
+    learned anything), and the perplexity task says which window it used."""
+    short = GPTNeo(GPTNeoConfig.from_hf_dict({**model.config.to_hf_dict(), "trained_context": 16})).eval()
+    short.load_state_dict(model.state_dict())
+    ids = tok.encode(TEXT).ids
+    tokens = [0] + ids
+    want, scored = 0.0, 1
+    while scored < len(tokens):  # disjoint windows of 16 by hand
+        end = min(scored + 16, len(tokens))
+        want -= direct_loglik(model, tokens[max(0, end - 17):scored], tokens[scored:end])
+        scored = end
+    assert rolling_nll(short, ids, eos_id=0) == pytest.approx(want, abs=1e-3)
+    assert rolling_nll(model, ids, eos_id=0) != pytest.approx(want, abs=1e-3)
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT)
+    got = run_task(EvalTaskConfig(name="t", kind="perplexity", path=str(path)), short, tok)
+    assert (got["window"], got["stride"]) == (16.0, 16.0)
+    assert got["bits_per_byte"] == pytest.approx(want / math.log(2) / len(TEXT.encode()), rel=1e-4)
+
+
 def test_perplexity_task_figures(model, tok, tmp_path):
     path = tmp_path / "wiki.txt"
     docs = ["The cat sat on the mat.", "A bird sang in the tall green tree."]

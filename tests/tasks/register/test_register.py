@@ -103,3 +103,25 @@ def test_gate_all_branches_and_rollback(ws, tokens):
     again = reg(longer, "longer2")
     assert again.info["version"] == "4" and again.counts["registered"] == 0
     assert len(c.search_model_versions(f"name = '{name}'")) == 4
+
+
+def test_a_model_that_does_not_beat_the_unigram_baseline_is_never_champion(ws, tokens):
+    """Not even as the first model: registered, alias `challenger`, the reason on the version."""
+    name = "neo-baseline-gate"
+    short = trained(ws, tokens, 15)
+    c = tracking.client(ws)
+
+    def reg(tag, bpb):
+        return run_register(RegistryConfig(model_name=name), evaluation(ws, short, tag, bpb), [tokens, short],
+                            {}, str(ws))
+
+    lost = reg("lost", 3.2)  # the helper's unigram baseline is 3.0 bits/byte
+    assert (lost.info["version"], lost.info["alias"]) == ("1", "challenger")
+    assert registry.alias_version(c, name, "champion") is None
+    mv = c.get_model_version(name, "1")
+    assert mv.tags["gate.baseline"] == "not beaten" and mv.tags["gate.decision"] == "challenger"
+    assert "does not beat the unigram baseline 3.0000" in mv.tags["gate.reason"]
+    won = reg("won", 2.5)  # beats the baseline: the first champion
+    assert (won.info["version"], won.info["alias"]) == ("2", "champion")
+    assert won.info["gate"]["reason"] == "first model"
+    assert c.get_model_version(name, "2").tags["gate.baseline"] == "beaten: 2.5000 < unigram 3.0000 bits/byte"

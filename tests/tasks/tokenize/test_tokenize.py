@@ -476,3 +476,36 @@ def test_packing_and_wide_ids_round_trip():
     column = _binary_column(rows.astype(token_dtype(70_100)))
     back = _rows_from_binary(column.slice(2), np.dtype("<u4"), 9)
     assert back.tolist() == rows[2:].tolist()
+
+
+def test_split_does_not_depend_on_where_the_corpus_sits(tmp_path, monkeypatch):
+    """The same text file in two directories, typed as an absolute and as a relative path: the
+    same document ids, so the same validation documents and the same token rows."""
+    from tasks.core.data_config import CorpusConfig
+    from tasks.download.readers import read_shard
+    from tasks.download.stage import run_download
+    from verse_corpus import write_verse_file
+
+    here = write_verse_file(tmp_path / "a" / "corpora" / "plays.txt", paragraphs=150)
+    there = tmp_path / "b" / "elsewhere" / "plays.txt"
+    there.parent.mkdir(parents=True)
+    there.write_bytes(here.read_bytes())
+    monkeypatch.chdir(tmp_path / "b")
+    results = []
+    for name, source in (("one", str(here)), ("two", "./elsewhere/plays.txt")):
+        raw = run_download(CorpusConfig(sources=[{"url": source, "doc_bytes": 1024}], max_bytes=None),
+                           str(tmp_path / name))
+        docs = [d for s in sorted(Path(raw.path).glob("shard-*.jsonl.zst")) for d in read_shard(s)]
+        up = write_corpus(tmp_path / name / "dedup", [(d["id"], d["text"]) for d in docs], files=1,
+                          sources=[d["source"] for d in docs])
+        results.append(run_tokenize(cfg(val_fraction=0.2), up, str(tmp_path / name / "ws")))
+    one, two = results
+    assert one.path != two.path
+    for split in ("train", "val"):
+        ids = [set(pq.read_table(Path(r.path) / INDEX_DIR / split).column("doc_id").to_pylist())
+               for r in results]
+        assert ids[0] == ids[1] and ids[0]
+        assert all(i.startswith("plays.txt:plays.txt:") for i in ids[0])
+        rows = [read_rows(r.path, split)[0] for r in results]
+        assert rows[0].shape == rows[1].shape and np.array_equal(rows[0], rows[1])
+    assert one.counts == two.counts and one.counts["val_docs"] >= 3

@@ -34,6 +34,26 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     assert maths.lr_at(110, cfg) == pytest.approx(0.1)
 
 
+def test_durations_parse_and_a_budget_replaces_the_step_count():
+    assert TrainConfig(max_time="2m").max_time == 120
+    assert TrainConfig(max_time="1h30m", max_cpu_time=90).model_dump()["max_time"] == 5400
+    assert TrainConfig(max_cpu_time="1.5h").max_cpu_time == 5400 and TrainConfig(max_time="45s").budgeted
+    with pytest.raises(ValueError, match="'2 minutes' is not a duration"):
+        TrainConfig(max_time="2 minutes")
+    assert maths.total_steps(TrainConfig(max_time=60, max_steps=10), 4, 32) is None
+    assert maths.budget_fraction(TrainConfig(max_time=10, max_cpu_time=40), 5.0, 30.0) == 0.75
+    assert maths.budget_fraction(TrainConfig(), 5.0, 30.0) is None
+
+
+def test_budgeted_schedule_follows_the_share_of_the_budget_used():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_time=60)
+    assert maths.lr_at(0, cfg, 0.0) == pytest.approx(0.1)  # warmup ramp by steps
+    assert maths.lr_at(50, cfg, 0.0) == pytest.approx(1.0)
+    assert maths.lr_at(50, cfg, 0.5) == pytest.approx(0.55)
+    assert maths.lr_at(50, cfg, 1.0) == pytest.approx(0.1)  # the floor at the budget's end
+    assert maths.lr_at(50, cfg, 1.3) == pytest.approx(0.1)
+
+
 def _cfg(**kw):
     base = dict(max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, log_every=2, checkpoint_every=3,
                 seed=11, device="cpu", threads=1, in_process=True)
@@ -153,6 +173,40 @@ def test_crash_then_resume_gives_identical_weights_and_same_run(tokens, tmp_path
     assert {"tokens_per_s", "grad_norm", "lr", "peak_memory_mb", "skipped_steps"} <= set(run.data.metrics)
     assert run.data.tags["neo.init_from"] == "scratch"
     assert "loss_curve.png" in {a.path for a in c.list_artifacts(rid)}
+
+
+def _history(ws, run_id, key):
+    return {m.step: m.value for m in tracking.client(ws).get_metric_history(run_id, key)}
+
+
+def test_time_budget_ends_annealed_and_a_resumed_run_keeps_the_budget(tokens, tmp_path, monkeypatch):
+    budget = dict(max_time=3, max_steps=2, log_every=1, checkpoint_every=10, warmup_steps=5)
+    ws = str(tmp_path)
+    monkeypatch.setenv(faults.FAIL_AT, "25")
+    with pytest.raises(RuntimeError, match="injected failure before step 25"):
+        train_mod.run_train(_cfg(**budget), MODEL, tokens, ws, **QUIET)
+    monkeypatch.delenv(faults.FAIL_AT)
+    from neo_model.checkpoint import latest_checkpoint, read_state
+
+    out = next((tmp_path / "train").iterdir())
+    saved = read_state(latest_checkpoint(out / "checkpoints"))
+    assert saved["wall_s"] > 0 and saved["cpu_s"] > 0  # step 20's checkpoint holds the time used so far
+    res = train_mod.run_train(_cfg(**budget), MODEL, tokens, ws, **QUIET)
+    info, rid = res.info, res.info["run_id"]
+    assert res.counts["steps"] > 25  # max_steps (2) does not apply: the budget is the length
+    assert info["train_wall_s"] >= 3.0  # the whole budget was used ...
+    assert info["train_wall_s"] - saved["wall_s"] < 3.0  # ... the resumed process only used what was left
+    lr, frac = _history(ws, rid, "lr"), _history(ws, rid, "budget_fraction")
+    last = max(lr)
+    assert last == res.counts["steps"] and frac[last] >= 1.0
+    cfg = _cfg(**budget)
+    for step in range(6, last + 1):  # each step's lr follows the share used before it
+        assert lr[step] == pytest.approx(maths.lr_at(step - 1, cfg, frac[step - 1]), rel=1e-6)
+        assert lr[step] <= lr[step - 1]
+    assert lr[last] < 0.5 * cfg.lr and maths.lr_at(last, cfg, frac[last]) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    run = tracking.client(ws).get_run(rid)
+    assert run.data.tags["neo.train_budget"] == "max_time=3.0 max_cpu_time=None"
+    assert run.data.metrics["train_wall_s"] == pytest.approx(info["train_wall_s"])
 
 
 def test_rerun_of_finished_training_is_reused(tokens, tmp_path):
