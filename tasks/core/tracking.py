@@ -71,6 +71,20 @@ def fluent(workspace: str | Path) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """MLflow's event lines (`Successfully registered model ...`, `Created version ...`) kept out of
+    the user's output for the block: the version and alias are reported by the register stage."""
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    was = MLFLOW_LOGGING_STREAM.enabled
+    MLFLOW_LOGGING_STREAM.enabled = False
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = was
+
+
 def experiment_id(c: MlflowClient, name: str, workspace: str | Path) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:

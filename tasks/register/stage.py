@@ -27,7 +27,7 @@ from tasks.tokenize.bpe import load_tokenizer
 from tasks.core.train_config import RegistryConfig
 from tasks.evaluate.evals.scoring import rolling_nll
 from tasks.core.protocol import (MANIFEST, Computed, Stage, StageResult, file_entry, lineage_of, run_stage,
-                                 stable_hash, stage_dir, write_json_atomic)
+                                 sha256_file, stable_hash, stage_dir, write_json_atomic)
 from tasks.tokenize.rows import read_rows
 
 STAGE = Stage("register", version=2, module=__name__, section="registry", inputs=("evaluate",),
@@ -80,6 +80,31 @@ def text_bpb(model_dir: str | Path, docs: list[str]) -> float:
     return nll / math.log(2) / sum(len(d.encode("utf-8")) for d in docs)
 
 
+def compare(model_dir: str, champ_dir: str, tokens_dir: str, metrics: dict, max_bytes: int
+            ) -> tuple[float, float, str]:
+    """(candidate bpb, champion bpb, what both were measured on). With the candidate's tokenizer the
+    champion is scored on exactly the evaluate stage's validation rows, so the candidate's figure is
+    its `val_bpb`, the one figure on the version page; with another tokenizer both models score the
+    candidate's validation text (the first `max_bytes`), each with its own tokenizer."""
+    tokens_json = Path(tokens_dir) / "tokenizer.json"
+    if sha256_file(tokens_json) == sha256_file(Path(champ_dir) / "tokenizer.json"):
+        from neo_model import GPTNeo
+        from tasks.evaluate.stage import model_nll
+
+        rows, n_bytes = read_rows(tokens_dir, "val")
+        n_rows = int(metrics["val_tokens"]) // (rows.shape[1] - 1)  # the rows evaluate scored
+        nll = model_nll(GPTNeo.from_pretrained(champ_dir), rows[:n_rows], 16, None)
+        theirs = float(nll.sum()) / math.log(2) / float(n_bytes[:n_rows].sum())
+        return metrics["val_bpb"], theirs, (
+            f"the candidate's validation split as the evaluate stage scored it ({int(metrics['val_tokens']):,} "
+            f"tokens, {int(metrics['val_bytes']):,} bytes, rows of {rows.shape[1] - 1} tokens), same tokenizer")
+    docs = validation_documents(tokens_dir, max_bytes)
+    n = sum(len(d.encode("utf-8")) for d in docs)
+    return text_bpb(model_dir, docs), text_bpb(champ_dir, docs), (
+        f"{n:,} bytes ({len(docs)} documents) of the candidate's validation text, each model with its "
+        f"own tokenizer (the champion's differs)")
+
+
 def gate(cfg: RegistryConfig, c, candidate: str, model_dir: str, tokens_dir: str, metrics: dict) -> dict:
     """Decide champion or challenger for `candidate`; records the decision on the version. A model
     that does not beat the unigram baseline on its own validation targets is never champion."""
@@ -99,19 +124,18 @@ def gate(cfg: RegistryConfig, c, candidate: str, model_dir: str, tokens_dir: str
     if champion is None:
         registry.promote(c, cfg.model_name, candidate, "first model")
         return {"alias": registry.CHAMPION, "reason": "first model", "champion_before": None}
-    docs = validation_documents(tokens_dir, cfg.gate_max_bytes)
-    ours = text_bpb(model_dir, docs)
     run_id = c.get_model_version(cfg.model_name, champion).run_id
     with tempfile.TemporaryDirectory() as tmp:
         import mlflow
 
         champ_dir = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="hf_model", dst_path=tmp,
                                                         tracking_uri=c.tracking_uri)
-        theirs = text_bpb(champ_dir, docs)
+        ours, theirs, basis = compare(model_dir, champ_dir, tokens_dir, metrics, cfg.gate_max_bytes)
     decision = {"candidate_bpb": ours, "champion_bpb": theirs, "champion_before": champion,
-                "margin": cfg.margin, "gate_docs": len(docs)}
+                "margin": cfg.margin, "measured_on": basis}
     for k in ("candidate_bpb", "champion_bpb"):
         c.set_model_version_tag(cfg.model_name, candidate, f"gate.{k}", f"{decision[k]:.6f}")
+    c.set_model_version_tag(cfg.model_name, candidate, "gate.measured_on", basis)
     c.set_model_version_tag(cfg.model_name, candidate, "gate.champion_version", str(champion))
     if ours < theirs - cfg.margin:
         reason = f"bpb {ours:.4f} beats champion v{champion} {theirs:.4f} by more than {cfg.margin}"
@@ -197,12 +221,14 @@ def _register_new(c, cfg, fp, upstream, lineage, params, workspace, run_tags) ->
     train = next((r for r in lineage if r.stage == "train"), None)
     tags = {"neo_fingerprint": fp, "neo_run_id": run_id, cfg.metric: str(metrics.get(cfg.metric)),
             **{f"neo.fp.{stage}": fp for stage, (fp, _) in chain.items()}}
-    with tracking.fluent(workspace):
+    with tracking.fluent(workspace), tracking.quiet():
         mv = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
     steps = train.counts.get("steps") if train else "?"
     c.update_model_version(cfg.model_name, mv.version, description=(
-        f"GPT-Neo trained {steps} steps; validation bits-per-byte {metrics['val_bpb']:.4f} "
-        f"(unigram baseline {metrics['unigram_val_bpb']:.4f}), perplexity {metrics['val_ppl']:.2f}. "
+        f"GPT-Neo trained {steps} steps. Validation bits-per-byte {metrics['val_bpb']:.4f}, measured by "
+        f"the evaluate stage on the held-out split ({int(metrics.get('val_tokens', 0)):,} tokens, "
+        f"{int(metrics.get('val_bytes', 0)):,} bytes); unigram baseline {metrics['unigram_val_bpb']:.4f} "
+        f"on the same targets; perplexity {metrics['val_ppl']:.2f}. "
         f"Training run {run_id}; register fingerprint {fp}."))
     return str(mv.version)
 

@@ -11,6 +11,7 @@ from tasks.core import tracking
 from tasks.core.data_config import TokenizerConfig
 from tasks.core.train_config import ModelConfig, TrainConfig
 from tasks.core.protocol import StageResult
+from tasks.tokenize.rows import read_rows
 from tasks.tokenize.stage import run_tokenize
 
 WORDS = "def return value index self import class for in if else None True print".split()
@@ -32,12 +33,15 @@ def trained(ws: Path, tokens: StageResult, steps: int) -> StageResult:
                                tokens, str(ws), log=lambda m: None)
 
 
-def evaluation(ws: Path, result: StageResult, tag: str, bpb: float) -> StageResult:
+def evaluation(ws: Path, result: StageResult, tag: str, bpb: float, tokens: StageResult) -> StageResult:
+    """An evaluate result for `result` claiming `bpb` on `tokens`' whole val split (unigram: 3.0)."""
     d = ws / f"eval-{tag}"
     d.mkdir(exist_ok=True)
     (d / "manifest.json").write_text(json.dumps({"stage": "evaluate", "code_version": "v1-x"}))
     (d / "samples.json").write_text(json.dumps([{"prompt": "def", "completion": " f"}]))
-    metrics = {"val_bpb": bpb, "val_ppl": 2.0, "unigram_val_bpb": 3.0}
+    rows, n_bytes = read_rows(tokens.path, "val")
+    metrics = {"val_bpb": bpb, "val_ppl": 2.0, "unigram_val_bpb": 3.0,
+               "val_tokens": float(rows.shape[0] * (rows.shape[1] - 1)), "val_bytes": float(n_bytes.sum())}
     tracking.log_metrics(tracking.client(ws), result.info["run_id"], metrics)
     return StageResult(stage="evaluate", fingerprint=f"{tag:e<16}", path=str(d),
                        info={"metrics": metrics, "run_id": result.info["run_id"],

@@ -114,3 +114,7 @@ def test_sigterm_during_training_stops_everything_and_a_rerun_resumes(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming from" in again.stdout + again.stderr
     assert "registered model : gpt-neo-debug" in again.stdout
+    output = again.stdout + again.stderr  # what the user reads: no library chatter
+    for noise in ("Successfully registered model", "Created version", "UserWarning", "Downloading artifacts",
+                  "CREATE TABLE", "Traceback"):
+        assert noise not in output, f"{noise!r} in `neo run` output:\n{output[-3000:]}"

@@ -52,8 +52,8 @@ def test_train_register_and_gate_against_server(mlflow_server, tmp_path, monkeyp
     tokens = make_tokens(tmp_path, ws)
     good, weak = trained(ws, tokens, 40), trained(ws, tokens, 3)
     cfg = RegistryConfig(model_name="neo-server")
-    first = run_register(cfg, evaluation(ws, good, "good", 1.0), [tokens, good], {"train.lr": "0.003"}, str(ws))
-    second = run_register(cfg, evaluation(ws, weak, "weak", 2.0), [tokens, weak], {"train.lr": "0.003"}, str(ws))
+    first = run_register(cfg, evaluation(ws, good, "good", 1.0, tokens), [tokens, good], {"train.lr": "0.003"}, str(ws))
+    second = run_register(cfg, evaluation(ws, weak, "weak", 2.0, tokens), [tokens, weak], {"train.lr": "0.003"}, str(ws))
     assert (first.info["version"], first.info["alias"]) == ("1", "champion")
     assert (second.info["version"], second.info["alias"]) == ("2", "challenger")
     assert second.info["gate"]["candidate_bpb"] > second.info["gate"]["champion_bpb"]

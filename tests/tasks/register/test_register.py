@@ -3,12 +3,13 @@ import shutil
 
 import pytest
 import torch
-from registry_helpers import TEXTS, evaluation, make_tokens, trained
+from registry_helpers import TEXTS, evaluation, make_tokens, trained, word_tokens
 
 from neo_model import GPTNeo
 from tasks.register import registry
 from tasks.core import tracking
-from tasks.core.train_config import RegistryConfig
+from tasks.core.train_config import EvalConfig, RegistryConfig
+from tasks.evaluate.stage import validation_metrics
 from tasks.register.stage import run_register, text_bpb, validation_documents
 from tasks.core.protocol import StageResult
 
@@ -55,7 +56,7 @@ def test_gate_all_branches_and_rollback(ws, tokens):
     assert bpb["longer"] < bpb["short"] < bpb["uniform"]
 
     def reg(result, tag, registry_cfg=cfg):
-        return run_register(registry_cfg, evaluation(ws, result, tag, bpb[tag.rstrip("2")]),
+        return run_register(registry_cfg, evaluation(ws, result, tag, bpb[tag.rstrip("2")], tokens),
                             [tokens, result], params, str(ws), run_tags={"prefect.flow_run_id": f"fr-{tag}"})
 
     first = reg(short, "short")  # no champion yet
@@ -63,8 +64,12 @@ def test_gate_all_branches_and_rollback(ws, tokens):
     assert first.info["gate"]["reason"] == "first model"
     worse = reg(uniform, "uniform")  # re-scored champion wins
     assert (worse.info["version"], worse.info["alias"]) == ("2", "challenger")
-    assert worse.info["gate"]["champion_bpb"] == pytest.approx(bpb["short"], rel=1e-6)
+    # Same tokenizer: the champion is scored on exactly the rows the evaluate stage scored, so the
+    # candidate's gate figure is its val_bpb (one figure on the version page).
+    rows_bpb = validation_metrics(EvalConfig(), GPTNeo.from_pretrained(short.info["model_dir"]), tokens.path)[0]["val_bpb"]
+    assert worse.info["gate"]["champion_bpb"] == pytest.approx(rows_bpb, rel=1e-6)
     assert worse.info["gate"]["candidate_bpb"] == pytest.approx(bpb["uniform"], rel=1e-6)
+    assert worse.info["gate"]["measured_on"].startswith("the candidate's validation split as the evaluate stage")
     within = reg(longer, "longer", RegistryConfig(model_name=name, margin=10.0))  # better, not by the margin
     assert (within.info["version"], within.info["alias"]) == ("3", "challenger")
     better = reg(longer, "longer2")  # same model, new registration, default margin
@@ -74,7 +79,7 @@ def test_gate_all_branches_and_rollback(ws, tokens):
     assert registry.alias_version(c, name, "champion") == "4"
     assert registry.alias_version(c, name, "previous-champion") == "1"
     mv = c.get_model_version(name, "4")
-    assert mv.tags["gate.decision"] == "champion" and float(mv.tags["gate.champion_bpb"]) == pytest.approx(bpb["short"])
+    assert mv.tags["gate.decision"] == "champion" and float(mv.tags["gate.champion_bpb"]) == pytest.approx(rows_bpb)
     assert mv.tags["neo.fp.tokenize"] == tokens.fingerprint and "bits-per-byte" in mv.description
     assert c.get_model_version(name, "2").tags["gate.decision"] == "challenger"
     run = c.get_run(short.info["run_id"])
@@ -112,7 +117,7 @@ def test_a_model_that_does_not_beat_the_unigram_baseline_is_never_champion(ws, t
     c = tracking.client(ws)
 
     def reg(tag, bpb):
-        return run_register(RegistryConfig(model_name=name), evaluation(ws, short, tag, bpb), [tokens, short],
+        return run_register(RegistryConfig(model_name=name), evaluation(ws, short, tag, bpb, tokens), [tokens, short],
                             {}, str(ws))
 
     lost = reg("lost", 3.2)  # the helper's unigram baseline is 3.0 bits/byte
@@ -125,3 +130,26 @@ def test_a_model_that_does_not_beat_the_unigram_baseline_is_never_champion(ws, t
     assert (won.info["version"], won.info["alias"]) == ("2", "champion")
     assert won.info["gate"]["reason"] == "first model"
     assert c.get_model_version(name, "2").tags["gate.baseline"] == "beaten: 2.5000 < unigram 3.0000 bits/byte"
+
+
+def test_gate_against_a_champion_with_another_tokenizer_scores_text(ws, tokens, tmp_path_factory):
+    """A champion trained with another tokenizer cannot read the candidate's token rows: both models
+    score the candidate's validation text, each with its own tokenizer, and the version says so."""
+    name = "neo-other-tokenizer"
+    other = word_tokens(tmp_path_factory, seed=3, n_docs=60, fp_char="o")
+    champ, cand = trained(ws, other, 15), trained(ws, tokens, 16)
+    first = run_register(RegistryConfig(model_name=name), evaluation(ws, champ, "otok", 1.0, other),
+                         [other, champ], {}, str(ws))
+    assert first.info["alias"] == "champion"
+    second = run_register(RegistryConfig(model_name=name), evaluation(ws, cand, "cand", 1.5, tokens),
+                          [tokens, cand], {}, str(ws))
+    g = second.info["gate"]
+    docs = validation_documents(tokens.path, RegistryConfig().gate_max_bytes)
+    assert g["candidate_bpb"] == pytest.approx(text_bpb(cand.info["model_dir"], docs), rel=1e-6)
+    assert g["champion_bpb"] == pytest.approx(text_bpb(champ.info["model_dir"], docs), rel=1e-6)
+    n = sum(len(d.encode()) for d in docs)
+    assert g["measured_on"] == (f"{n:,} bytes ({len(docs)} documents) of the candidate's validation text, "
+                                f"each model with its own tokenizer (the champion's differs)")
+    mv = tracking.client(ws).get_model_version(name, second.info["version"])
+    assert mv.tags["gate.measured_on"] == g["measured_on"]
+    assert "measured by the evaluate stage on the held-out split" in mv.description
