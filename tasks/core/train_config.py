@@ -60,7 +60,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(default=200, gt=0)
     """Write a resumable checkpoint every N steps (and at the end)."""
     threads: int | None = Field(default=None, gt=0)
-    """torch CPU threads (None = torch default)."""
+    """torch CPU threads per training process (None = the CPUs this process may use, by affinity and
+    cgroup quota, divided among the run's processes on this node)."""
     experiment: str = "neo-pipeline"
     """MLflow experiment the training run is recorded in."""
     micro_batch_size: int | None = Field(default=None, gt=0)

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.core.cpus import available_cpus
 from tasks.core.protocol import (MANIFEST, Computed, Stage, StageResult, atomic_path, read_manifest, read_marker,
                                  run_stage, stable_hash, write_marker)
 
@@ -120,7 +121,7 @@ def _context(module: str) -> multiprocessing.context.BaseContext:
 
 def pool_map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int | None) -> list[Any]:
     """`[fn(*job) for job in jobs]`, in worker processes when more than one is useful."""
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    workers = min(workers or available_cpus(), len(jobs))
     if workers <= 1:
         return [fn(*job) for job in jobs]
     try:

@@ -15,6 +15,7 @@ import torch
 
 from neo_model import GPTNeo
 from tasks.core import tracking
+from tasks.core.cpus import set_torch_threads
 from tasks.tokenize.bpe import load_tokenizer
 from tasks.core.train_config import EvalConfig
 from tasks.evaluate.evals import run_task
@@ -152,6 +153,7 @@ def evaluate_model(cfg: EvalConfig, model_dir: str | Path, tokens_dir: str | Pat
     against that directory's train split, none without one)."""
     if tokens_dir is None and not cfg.tasks:
         raise ValueError("nothing to evaluate: give a token directory (--tokens) or eval tasks (eval.tasks)")
+    set_torch_threads()  # the CPUs this process may use, not the machine's
     model = GPTNeo.from_pretrained(model_dir)
     metrics, train = validation_metrics(cfg, model, tokens_dir) if tokens_dir else ({}, np.zeros((0, 2), np.int64))
     metrics.update(score_tasks(cfg, model, load_tokenizer(model_dir), train))
@@ -159,6 +161,7 @@ def evaluate_model(cfg: EvalConfig, model_dir: str | Path, tokens_dir: str | Pat
 
 
 def _evaluate(cfg: EvalConfig, upstream: StageResult, tokens: StageResult, workspace: str, out: Path) -> Computed:
+    set_torch_threads()  # the CPUs this process may use, not the machine's
     model = GPTNeo.from_pretrained(upstream.info["model_dir"])
     metrics, train = validation_metrics(cfg, model, tokens.path)
     n_targets = int(metrics["val_tokens"])

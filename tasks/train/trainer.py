@@ -35,6 +35,7 @@ from neo_model.checkpoint import (latest_checkpoint, load_checkpoint, save_check
                                   training_state)
 from neo_model.hf_io import write_pretrained
 from neo_model.parallel import full_tensor, shard
+from tasks.core.cpus import set_torch_threads
 from tasks.core.train_config import TrainConfig
 from tasks.train.faults import Faults
 from tasks.train.loader import TokenLoader
@@ -126,8 +127,7 @@ def setup(spec: TrainSpec, emit: Callable[[str], None]) -> tuple[Run, State]:
     cfg = spec.train
     rank, world, device = setup_distributed(cfg)
     say = emit if rank == 0 else (lambda m: None)  # one rank speaks for the job
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = set_torch_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # share the CPUs
 
     loader = TokenLoader(spec.tokens_dir, "train", batch_size=1, seed=cfg.seed, rank=rank, world_size=world,
                          drop_last=True)
@@ -169,8 +169,8 @@ def setup(spec: TrainSpec, emit: Callable[[str], None]) -> tuple[Run, State]:
               n_params=n_params, fpt=fpt, peak=peak_flops(cfg, device))
     update_progress(run, state)
     mode = ("FSDP" if sharded else "DDP") if world > 1 else "single process"
-    say(f"training {n_params:,} parameters on {world} x {device.type} ({mode}): {length(run)}, steps of "
-        f"{rows_per_step} rows ({run.tokens_per_step:,} tokens, {accum} micro-batch(es) per process)")
+    say(f"training {n_params:,} parameters on {world} x {device.type} ({mode}, {threads} CPU thread(s) per "
+        f"process): {length(run)}, steps of {rows_per_step} rows ({run.tokens_per_step:,} tokens, {accum} micro-batch(es) per process)")
     return run, state
 
 
