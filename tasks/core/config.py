@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validat
 from tasks.core.data_config import CleanConfig, CorpusConfig, DedupConfig, TokenizerConfig
 from tasks.core.section import Section
 from tasks.core.train_config import EvalConfig, ModelConfig, RegistryConfig, TrainConfig
+from tasks.core.urls import redact
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -139,8 +140,15 @@ def _validate(data: dict) -> PipelineConfig:
 _SECRET_KEY = re.compile(r"(password|secret|api_key|access_key|credential|auth_token)", re.I)
 
 
+def _json_default(obj: Any) -> Any:
+    # A SourceSpec in `corpus.sources` as its JSON form (SecretStr fields come out as `**********`).
+    return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else str(obj)
+
+
 def redacted_params(cfg: PipelineConfig) -> dict[str, str]:
-    """The whole config flattened to `section.key -> str` for MLflow params, secrets masked."""
+    """The whole config flattened to `section.key -> str` for MLflow params, secrets masked: secret
+    fields as `***`, and every value through `tasks.core.urls.redact` (URL userinfo, signed-URL
+    tokens and signatures)."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, obj: Any) -> None:
@@ -152,9 +160,9 @@ def redacted_params(cfg: PipelineConfig) -> dict[str, str]:
         if isinstance(obj, SecretStr) or _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
             out[key] = "***"
         elif isinstance(obj, (dict, list)):
-            out[key] = json.dumps(obj, sort_keys=True, default=str)
+            out[key] = redact(json.dumps(obj, sort_keys=True, default=_json_default))
         else:
-            out[key] = str(obj)
+            out[key] = redact(str(obj))
 
     walk("", cfg)
     return out

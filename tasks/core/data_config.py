@@ -4,12 +4,12 @@ Every field has a docstring (shown in the Prefect run form); `tasks/core/config.
 sections into PipelineConfig and loads presets."""
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from tasks.core.section import Section
+from tasks.core.urls import has_secrets, split_secrets, userinfo_auth, with_query
 
 
 class SourceSpec(Section):
@@ -17,7 +17,9 @@ class SourceSpec(Section):
 
     url: str = Field(min_length=1)
     """Local path, directory or glob, `python-stdlib`, or `https://`, `s3://`, `hf://` URL (an s3/hf
-    directory or glob is listed). Userinfo (`user:pass@`) is moved into `auth` and never recorded."""
+    directory or glob is listed). Userinfo (`user:pass@`, percent-encoded) is moved into `auth`, and
+    a query string holding secrets (`token=`, `sig=`, `X-Amz-Signature=`, ...) into `query`; the
+    URL keeps the rest, with those values shown as `***`, and is all that is ever recorded."""
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     """Expected sha256 of the file (lowercase hex); the download is verified against it."""
     size: int | None = Field(default=None, ge=0)
@@ -46,17 +48,31 @@ class SourceSpec(Section):
     weight: float = Field(default=1.0, gt=0)
     """Sampling weight of this source, recorded in the manifest for the stages after download."""
     auth: SecretStr | None = None
-    """HTTP basic credentials `user:password` for this source (taken out of the URL when given there)."""
+    """HTTP basic credentials `user:password` for this source (taken out of the URL when given there,
+    percent-decoded: `user:p%40ss@host` -> `user:p@ss`; the URL's last `@` ends them)."""
+    query: SecretStr | None = None
+    """The URL's whole query string when it holds secrets (a signed S3/HTTP URL): taken out of `url`
+    and sent with the request only."""
 
     @model_validator(mode="before")
     @classmethod
-    def _userinfo_to_auth(cls, data: Any) -> Any:
+    def _secrets_out_of_url(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("url"), str):
-            m = re.match(r"^([a-z][a-z0-9+.-]*://)([^/@]*)@(.*)$", data["url"], re.I | re.S)
-            if m:
-                data = {**data, "url": m.group(1) + m.group(3)}
-                data.setdefault("auth", m.group(2))
+            shown, userinfo, query = split_secrets(data["url"])  # the one parser (tasks/core/urls.py)
+            if userinfo is not None or query is not None:
+                data = {**data, "url": shown}
+                if userinfo is not None and data.get("auth") is None:
+                    data["auth"] = userinfo_auth(userinfo)
+                if query is not None and data.get("query") is None:
+                    data["query"] = query
         return data
+
+    def request_url(self, url: str | None = None) -> str:
+        """`url` (default: this source's own) as requested: with the secret query string put back."""
+        url = url or self.url
+        if self.query is None or url != self.url:
+            return url
+        return with_query(url, self.query.get_secret_value())
 
 
 class CorpusConfig(Section):
@@ -75,7 +91,8 @@ class CorpusConfig(Section):
     download_retries: int = Field(default=5, ge=0, le=50)
     """Retries of one transfer on transient errors (timeouts, dropped connections, 429, 5xx)."""
     retry_backoff_s: float = Field(default=1.0, ge=0)
-    """First retry waits about this long, doubling each time (+/- 50% jitter, capped at 60 s)."""
+    """First retry waits about this long, doubling each time (+/- 50% jitter, capped at 60 s); a 429
+    or 503 answer with `Retry-After` waits what the server asks instead (also capped at 60 s)."""
     timeout_s: float = Field(default=60.0, gt=0)
     """Connect/read timeout of one HTTP request."""
     max_bad_fraction: float = Field(default=0.1, ge=0, le=1)
@@ -92,10 +109,11 @@ class CorpusConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _userinfo_sources(cls, data: Any) -> Any:
-        # A plain string with credentials in it becomes a SourceSpec, so the secret lands in a SecretStr.
+        # A plain string with credentials or a secret query in it becomes a SourceSpec, so that the
+        # secret lands in a SecretStr (masked in MLflow params and Prefect's flow-run parameters).
         if isinstance(data, dict) and isinstance(data.get("sources"), list):
-            data = {**data, "sources": [{"url": s} if isinstance(s, str) and re.match(
-                r"^[a-z][a-z0-9+.-]*://[^/@]*@", s, re.I) else s for s in data["sources"]]}
+            data = {**data, "sources": [{"url": s} if isinstance(s, str) and has_secrets(s) else s
+                                        for s in data["sources"]]}
         return data
 
 

@@ -19,8 +19,11 @@ from tasks.core.units import DOC_COLUMNS, FLUSH_ROWS, finish_unit, link, read_do
 from tasks.dedup.minhash import band_keys, document_hashes, hash_params, oph_flat, signatures
 
 DUPLICATE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()),
-                              ("duplicate_of", pa.string()), ("cluster", pa.string()),
-                              ("kind", pa.string()), ("similarity", pa.float64())])
+                              ("duplicate_of", pa.string()), ("kind", pa.string()),
+                              ("similarity", pa.float64()), ("kept", pa.string()),
+                              ("cluster", pa.string())])
+"""One removed document: the earlier document it matched (`duplicate_of`; `kind` and `similarity`
+of that match), the surviving document its matches lead back to (`kept`), its cluster."""
 
 
 def signature_shard(cfg: DedupConfig, docs: str, out: str) -> dict:

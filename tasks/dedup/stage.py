@@ -16,13 +16,16 @@ memory (benchmarks/RESULTS.md). The partitions live in `<workspace>/dedup/scratc
 by their run and removed when it ends; one that a killed run left is removed by the next run, and a
 concurrent run's (its lock held) never is (`tasks.core.units.scratch_dir`). (3) Per shard: the shard
 minus its duplicates, and a ledger `duplicates/duplicates-NNNNN.parquet` (id, source,
-duplicate_of, cluster, kind, similarity).
+duplicate_of, kind, similarity, kept, cluster).
 
 Which copy stays: documents are ordered by (shard, row) of the upstream listing, and a document is
 a duplicate iff it is equal or similar to an earlier one. The rule depends only on earlier
 documents, so the output is the same for any worker count or execution order, and appending shards
-never turns a kept document into a duplicate. `duplicate_of` follows earlier links to a kept
-document; `cluster` is the earliest document of the connected component.
+never turns a kept document into a duplicate. A ledger row names the direct match: `duplicate_of`
+is the earlier document this one was matched against (its earliest exact copy, else its earliest
+verified near match), `kind` and `similarity` describe that match; `kept` is the surviving document
+reached by following such matches back (an exact copy of a near copy names the near copy's original
+there, not as its exact twin); `cluster` is the earliest document of the connected component.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from tasks.core.units import (Mapper, link, plan_over, run_over, scratch_dir, un
 from tasks.dedup.minhash import estimated_jaccard, exact_key, fmix64
 from tasks.dedup.shard import signature_shard, write_dedup_shard
 
-STAGE = Stage("dedup", version=2, module=__name__, section="dedup", inputs=("clean",),
+STAGE = Stage("dedup", version=3, module=__name__, section="dedup", inputs=("clean",),
               info_keys=("clusters", "exact", "near", "candidates", "verified", "cluster_sizes",
                          "partitions", "shards_run", "shards_reused", "timings"))
 VERIFY_CHUNK = 1 << 15
@@ -52,7 +55,10 @@ partitions on disk, not more memory."""
 EXACT_DTYPE = np.dtype([("k0", "<u8"), ("k1", "<u8"), ("g", "<i8")])
 BAND_DTYPE = np.dtype([("key", "<u8"), ("g", "<i8")])
 EDGE_DTYPE = np.dtype([("a", "<i8"), ("b", "<i8")])
-DUP_DTYPE = np.dtype([("g", "<i8"), ("kept_of", "<i8"), ("label", "<i8"), ("sim", "<f8"), ("exact", "?")])
+DUP_DTYPE = np.dtype([("g", "<i8"), ("of", "<i8"), ("kept_of", "<i8"), ("label", "<i8"), ("sim", "<f8"),
+                      ("exact", "?")])
+"""A duplicate `g`: its direct match `of` (with `sim`, `exact`), the kept document `kept_of` that
+following direct matches reaches, and its cluster `label`."""
 SIZE_BUCKETS = ((2, 2), (3, 4), (5, 8), (9, 16), (17, 1 << 62))
 
 
@@ -244,14 +250,14 @@ def _decide(cfg: DedupConfig, sig_dirs: list[Path], sizes: list[int], tmp: Path)
         head = np.asarray(head, dtype=np.int64)[~np.isin(acc["a"][head], ex["a"])]  # exact wins
         rec = np.empty(len(ex) + len(head), DUP_DTYPE)
         rec["g"] = np.concatenate([ex["a"], acc["a"][head]])
-        rec["kept_of"] = np.concatenate([ex["b"], acc["b"][head]])
+        rec["of"] = np.concatenate([ex["b"], acc["b"][head]])
         rec["sim"] = np.concatenate([np.ones(len(ex)), acc_est[head]])
         rec["exact"] = np.arange(len(rec)) < len(ex)
         dups.append(rec[np.argsort(rec["g"])])
     t3 = time.time()
     dups = np.concatenate(dups) if dups else np.zeros(0, DUP_DTYPE)
-    earliest = dups["kept_of"].copy()
-    while len(dups):  # follow earlier links until a kept document
+    dups["kept_of"] = earliest = dups["of"]
+    while len(dups):  # follow direct matches back until a kept document
         pos = np.minimum(np.searchsorted(dups["g"], dups["kept_of"]), len(dups) - 1)
         step = dups["g"][pos] == dups["kept_of"]
         if not step.any():
@@ -277,7 +283,7 @@ def write_jobs(upstream_docs: list[tuple[str, str]], workspace: str, d: dict[str
                code: str) -> list[tuple]:
     """One `write_dedup_shard` job per clean shard, addressed by its input and its decisions."""
     offsets, dups = d["offsets"], d["dups"]
-    referenced = np.unique(np.concatenate([dups["g"], dups["kept_of"], dups["label"]]))
+    referenced = np.unique(np.concatenate([dups["g"], dups["of"], dups["kept_of"], dups["label"]]))
     ids: dict[int, str] = {}
     sources: dict[int, str] = {}
     for s, (path, _) in enumerate(upstream_docs):
@@ -292,11 +298,12 @@ def write_jobs(upstream_docs: list[tuple[str, str]], workspace: str, d: dict[str
     for s, (path, sha) in enumerate(upstream_docs):
         lo, mine = int(offsets[s]), dups[bounds[s]:bounds[s + 1]]
         rows = (mine["g"] - lo).tolist()
-        ledger = [{"id": ids[g], "source": sources[g], "duplicate_of": ids[of], "cluster": ids[label],
-                   "kind": "exact" if exact else "near", "similarity": round(sim, 6)}
-                  for g, of, label, exact, sim in zip(mine["g"].tolist(), mine["kept_of"].tolist(),
-                                                      mine["label"].tolist(), mine["exact"].tolist(),
-                                                      mine["sim"].tolist())]
+        ledger = [{"id": ids[g], "source": sources[g], "duplicate_of": ids[of],
+                   "kind": "exact" if exact else "near", "similarity": round(sim, 6),
+                   "kept": ids[kept], "cluster": ids[label]}
+                  for g, of, kept, label, exact, sim in zip(
+                      mine["g"].tolist(), mine["of"].tolist(), mine["kept_of"].tolist(),
+                      mine["label"].tolist(), mine["exact"].tolist(), mine["sim"].tolist())]
         unit = stable_hash({"code": code, "input": sha, "rows": rows, "ledger": ledger})
         jobs.append((path, str(Path(workspace) / STAGE.name / "shards" / unit), rows, ledger))
     return jobs

@@ -5,8 +5,10 @@ fsspec: s3fs, huggingface_hub), to a `.part` file next to its final name; the fi
 its size and sha256 match what the source list promised, and a small `.ok.json` sidecar records the
 verified hash so that a later run (even after the process was killed) reuses it instead of fetching it
 again. Transient errors (timeouts, dropped connections, 429, 5xx) retry with exponential backoff and
-jitter, resuming where the bytes stopped; 404 and auth errors fail at once; a checksum mismatch
-retries once from scratch, then fails naming the URL and both hashes. Nothing here imports Prefect.
+jitter (or after the wait a 429/503's `Retry-After` asks, capped), resuming where the bytes stopped;
+404 and auth errors fail at once; a checksum mismatch retries once from scratch, then fails naming
+the URL and both hashes. URLs are recorded only through `tasks.core.urls.redact`; the cache's file
+names come from `tasks.download.sources.cache_relpath`. Nothing here imports Prefect.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import requests
+
+from tasks.core.urls import redact, redact_logs, split_userinfo, userinfo_auth
 
 CHUNK = 1 << 20
 SIDECAR = ".ok.json"
@@ -30,8 +34,8 @@ PART = ".part"
 KILL_HOOK = "NEO_DOWNLOAD_KILL_AFTER"
 """Test hook: SIGKILL this process right after the file with this name is verified and in place."""
 
-_SECRET_QUERY = re.compile(r"(token|sig|signature|secret|password|key|credential|auth)", re.I)
-_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]*@", re.I)
+RETRY_AFTER_CODES = (429, 503)
+"""Answers whose `Retry-After` header sets the wait before the next try (capped at max_backoff_s)."""
 
 
 class TransferError(RuntimeError):
@@ -47,55 +51,32 @@ class ChecksumError(PermanentTransferError):
 
 
 class _Transient(Exception):
-    pass
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
-# ---------------------------------------------------------------------------- names and redaction
+# ---------------------------------------------------------------------------- redaction, Retry-After
 
 
-def redact_url(url: str) -> str:
-    """`url` without userinfo and with secret-looking query values masked: safe to log or record."""
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = urlencode([(k, "***" if _SECRET_QUERY.search(k) else v)
-                       for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+redact_url = redact_text = redact
+"""The one redaction (`tasks.core.urls.redact`): userinfo removed, secret query values masked."""
+redact_logs("urllib3.connectionpool", "urllib3.poolmanager", "urllib3.util.retry")
 
 
-def redact_text(text: str) -> str:
-    """Any `scheme://user:pass@` inside free text (an exception message) with the userinfo removed."""
-    return _USERINFO.sub(r"\1", text)
-
-
-def _safe_part(part: str) -> str:
-    part = re.sub(r"[^A-Za-z0-9._-]", "_", unquote(part))
-    return "_" + part[1:] if part.startswith(".") else part  # no `..`, no hidden names
-
-
-def cache_relpath(url: str) -> PurePosixPath:
-    """A relative path for a URL's cached copy: host and path segments, each reduced to
-    `[A-Za-z0-9._-]` with no leading dot, so `..`, `%2e%2e`, absolute paths and backslashes cannot
-    climb out of the cache directory. A query string adds a short hash (different objects)."""
-    parts = urlsplit(url)
-    segments = [parts.scheme or "file", parts.netloc.rsplit("@", 1)[-1] or "_"]
-    segments += [p for p in re.split(r"[/\\]", unquote(parts.path)) if p not in ("", ".", "..")]
-    safe = [_safe_part(s) or "_" for s in segments]
-    if len(safe) == 2:
-        safe.append("index")
-    if parts.query:
-        safe[-1] += "-" + hashlib.sha256(parts.query.encode()).hexdigest()[:10]
-    return PurePosixPath(*safe)
-
-
-def safe_join(root: Path, rel: PurePosixPath | str) -> Path:
-    """`root / rel`, refusing anything that resolves outside `root`."""
-    root = Path(root).resolve()
-    path = (root / str(rel)).resolve()
-    if not path.is_relative_to(root) or path == root:
-        raise ValueError(f"refusing path {str(rel)!r}: it escapes {root}")
-    return path
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a `Retry-After` header asks to wait: delay-seconds or an HTTP-date (RFC 9110
+    section 10.2.3; a date in the past -> 0); None when absent or unreadable."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 # ---------------------------------------------------------------------------- policy and results
@@ -124,6 +105,8 @@ class Fetched:
     retries: int = 0
     restarts: int = 0
     """Times the transfer started over (server ignored Range, or a checksum mismatch)."""
+    waits: list[tuple[float, str]] = field(default_factory=list)
+    """(seconds slept, why) before each retry: `retry-after` (the server's, capped) or `backoff`."""
 
 
 @dataclass
@@ -215,8 +198,12 @@ def _hash_file(path: Path, h: Any = None) -> str:
 def fetch(url: str, dest: Path, *, sha256: str | None = None, size: int | None = None,
           policy: RetryPolicy = RetryPolicy(), auth: str | None = None, remote: Remote | None = None,
           on_bytes: Callable[[int], None] | None = None, session: Any = None) -> Fetched:
-    """Bring `url` to `dest` verified (see the module docstring); reuse a verified cached copy."""
+    """Bring `url` to `dest` verified (see the module docstring); reuse a verified cached copy.
+    `auth` is `user:password` for HTTP basic auth (default: the URL's userinfo, percent-decoded)."""
     dest = Path(dest)
+    url, userinfo = split_userinfo(url)  # the one parser: requests would not percent-decode it all
+    if auth is None and userinfo is not None:
+        auth = userinfo_auth(userinfo)
     if (hit := cached(dest, sha256, size)) is not None:
         return hit
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +227,12 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, size: int | None =
             result.retries = failures
             if failures > policy.retries:
                 raise TransferError(f"{shown}: gave up after {failures} attempts: {exc}") from None
-            time.sleep(policy.delay(failures))
+            if exc.retry_after is not None:  # the server said when: no sooner, and at most the cap
+                wait = (min(exc.retry_after, policy.max_backoff_s), "retry-after")
+            else:
+                wait = (policy.delay(failures), "backoff")
+            result.waits.append(wait)
+            time.sleep(wait[0])
             continue
         digest = h.hexdigest()
         bad_size = size is not None and n != size
@@ -315,7 +307,8 @@ def _http_once(url: str, part: Path, have: int, h: Any, policy: RetryPolicy, aut
     headers = {"Accept-Encoding": "identity"}  # the file as stored: its sha256 is of those bytes
     if have:
         headers["Range"] = f"bytes={have}-"
-    basic = tuple(auth.split(":", 1)) if auth and ":" in auth else None
+    user, _, password = (auth or "").partition(":")  # RFC 7617: the user-id has no colon
+    basic = (user.encode(), password.encode()) if auth else None  # UTF-8, any characters
     shown = redact_url(url)
     result.requests += 1
     try:
@@ -330,7 +323,9 @@ def _http_once(url: str, part: Path, have: int, h: Any, policy: RetryPolicy, aut
             if code in (404, 410):
                 raise PermanentTransferError(f"{shown}: HTTP {code}: not found")
             if code in (408, 425, 429) or code >= 500:
-                raise _Transient(f"HTTP {code}")
+                after = retry_after_s(r.headers.get("Retry-After")) if code in RETRY_AFTER_CODES else None
+                raise _Transient(f"HTTP {code}" + (f" (Retry-After: {after:g} s)" if after is not None
+                                                   else ""), after)
             if code not in (200, 206):
                 raise PermanentTransferError(f"{shown}: unexpected HTTP {code}")
             start = 0
@@ -358,6 +353,8 @@ def _http_once(url: str, part: Path, have: int, h: Any, policy: RetryPolicy, aut
             raise
         if type(exc).__module__.startswith("urllib3"):
             raise _Transient(redact_text(f"{type(exc).__name__}: {exc}")) from None
+        if type(exc).__module__.startswith("requests"):  # InvalidURL and the like quote the URL
+            raise PermanentTransferError(redact_text(f"{shown}: {type(exc).__name__}: {exc}")) from None
         raise
 
 

@@ -2,7 +2,7 @@
 
 `read_records` yields, in file order, each document (`{"id", "text", "source", "meta"}`) or, for
 anything unreadable (malformed JSON, a record without a string text field, invalid UTF-8, an empty
-document, a truncated or corrupt compressed stream), a (reason code, message) pair that the download
+document, a truncated, empty or corrupt compressed stream), a (reason code, message) pair that the download
 stage writes to its quarantine ledger. Every byte of the file passes through the caller's hasher on
 the way. A text file is one document, or several cut at a separator or at paragraph boundaries
 (`tasks.download.textsplit`). `read_shard` reads back the raw shards the download stage writes.
@@ -43,6 +43,7 @@ class BrokenStream(Exception):
 def zst_lines(path: Path, hasher: Any = None) -> Iterator[bytes]:
     """Lines of a zstd file (several frames allowed), streaming. Raises BrokenStream on a corrupt
     or truncated stream, after the complete lines before the damage; `hasher` sees every file byte."""
+    _not_empty(path, "zstd")
     dctx = zstandard.ZstdDecompressor()
     with open(path, "rb") as fh:
         dobj, pending, tail = dctx.decompressobj(), False, b""
@@ -68,8 +69,16 @@ def zst_lines(path: Path, hasher: Any = None) -> Iterator[bytes]:
         yield tail
 
 
+def _not_empty(path: Path, kind: str) -> None:
+    """A 0-byte compressed file has not even a header: a transfer that failed or was cut short."""
+    if Path(path).stat().st_size == 0:
+        raise BrokenStream("truncated_stream", f"empty file (0 bytes), not a {kind} stream "
+                                               "(a failed or truncated transfer?)")
+
+
 def gz_lines(path: Path, hasher: Any = None) -> Iterator[bytes]:
     """Lines of a gzip file, streaming; BrokenStream on a corrupt or truncated stream."""
+    _not_empty(path, "gzip")
     with open(path, "rb") as raw:
         source = _Hashing(raw, hasher) if hasher is not None else raw
         try:
@@ -197,7 +206,8 @@ def _jsonl_records(f: SourceFile, lines: Iterator[bytes], text_field: str) -> It
                 continue
             yield lineno, _make_doc(f, obj, lineno, text_field)
     except BrokenStream as exc:
-        yield lineno + 1, (exc.reason, f"{exc}; lines from {lineno + 1} on are lost")
+        lost = f"lines from {lineno + 1} on are lost" if lineno else "no line could be read"
+        yield lineno + 1, (exc.reason, f"{exc}; {lost}")
 
 
 def _parquet_records(f: SourceFile, text_field: str) -> Iterator[Record]:

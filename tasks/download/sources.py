@@ -8,14 +8,18 @@ it before it is read. `list_sources` applies the `max_bytes` cap; `tasks.downloa
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import re
 import sysconfig
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit
 
 from tasks.core.data_config import CorpusConfig, SourceSpec
-from tasks.download.fetch import Remote, cache_relpath, redact_url, safe_join
+from tasks.core.urls import redact, split_userinfo
+from tasks.download.fetch import Remote
 
 STDLIB = "python-stdlib"
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "hf://")
@@ -42,7 +46,8 @@ class SourceFile:
     size: int
     mtime_ns: int
     url: str | None = None
-    """The remote object (credentials stripped; see `auth`), None for a local file."""
+    """The remote object as shown: no userinfo, secret query values `***` (`spec.request_url`
+    restores them), None for a local file."""
     spec: SourceSpec = field(default_factory=lambda: SourceSpec(url="-"))
     sha256: str | None = None
     """Expected sha256 (from the source list)."""
@@ -62,7 +67,7 @@ class SourceFile:
 
     def listing(self) -> str:
         if self.url is not None:
-            return f"{redact_url(self.url)}|{self.size}|{self.sha256 or ''}"
+            return f"{redact(self.url)}|{self.size}|{self.sha256 or ''}"
         return f"{self.path}|{self.size}|{self.mtime_ns}"
 
 
@@ -78,6 +83,39 @@ def file_kind(name: str) -> str | None:
     if name.endswith(".parquet"):
         return "parquet"
     return "text" if Path(name).suffix in TEXT_SUFFIXES else None
+
+
+def _safe_part(part: str) -> str:
+    part = re.sub(r"[^A-Za-z0-9._-]", "_", unquote(part))
+    return "_" + part[1:] if part.startswith(".") else part  # no `..`, no hidden names
+
+
+def cache_relpath(url: str) -> PurePosixPath:
+    """A relative path for a URL's cached copy: host and path segments, each reduced to
+    `[A-Za-z0-9._-]` with no leading dot, so `..`, `%2e%2e`, absolute paths and backslashes cannot
+    climb out of the cache directory. A query string adds a short hash of its redacted form before
+    the name's first dot (`a-<hash>.jsonl.zst`: the suffix that tells the format stays; a re-signed
+    URL of the same object keeps its name)."""
+    parts = urlsplit(split_userinfo(url)[0])
+    segments = [parts.scheme or "file", parts.netloc or "_"]
+    segments += [p for p in re.split(r"[/\\]", unquote(parts.path)) if p not in ("", ".", "..")]
+    safe = [_safe_part(s) or "_" for s in segments]
+    if len(safe) == 2:
+        safe.append("index")
+    if parts.query:
+        stem, dot, suffix = safe[-1].partition(".")
+        digest = hashlib.sha256(redact("?" + parts.query).encode()).hexdigest()[:10]
+        safe[-1] = f"{stem}-{digest}{dot}{suffix}"
+    return PurePosixPath(*safe)
+
+
+def safe_join(root: Path, rel: PurePosixPath | str) -> Path:
+    """`root / rel`, refusing anything that resolves outside `root`."""
+    root = Path(root).resolve()
+    path = (root / str(rel)).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ValueError(f"refusing path {str(rel)!r}: it escapes {root}")
+    return path
 
 
 def _spec(source: str | SourceSpec) -> SourceSpec:
@@ -122,7 +160,9 @@ def _remote_files(spec: SourceSpec, cache: Path, remote: Remote, label: str) -> 
     root = url if single else url.split("*", 1)[0].rsplit("/", 1)[0] if "*" in url else url
     files = []
     for obj, size in objects:
-        rel = obj.rsplit("/", 1)[-1] if single else obj[len(root):].strip("/") or obj.rsplit("/", 1)[-1]
+        # The name (and so the format) comes from the URL's path, never its query string.
+        name = (urlsplit(obj).path if obj.startswith(("http://", "https://")) else obj).rsplit("/", 1)[-1]
+        rel = name if single else obj[len(root):].strip("/") or name
         path = safe_join(cache, cache_relpath(obj))
         expected = spec.size if single and spec.size is not None else (size if size else None)
         if url.startswith(("http://", "https://")):
@@ -152,7 +192,7 @@ def source_labels(sources: list[str | SourceSpec]) -> list[str]:
     remote entry is its URL without credentials; `python-stdlib` is itself."""
     texts = [_spec(s).url for s in sources]
     roots = [_local_root(t) for t in texts]
-    labels = [redact_url(t) if r is None else r[-1] for t, r in zip(texts, roots)]
+    labels = [redact(t) if r is None else r[-1] for t, r in zip(texts, roots)]
     for i, root in enumerate(roots):
         if root is None:
             continue
@@ -208,7 +248,7 @@ def expand_source(source: str | SourceSpec, cache: Path | None = None,
         else:
             raise FileNotFoundError(f"corpus source {text!r} does not exist")
     if not files:
-        raise FileNotFoundError(f"corpus source {redact_url(text)!r} matched no readable files "
+        raise FileNotFoundError(f"corpus source {redact(text)!r} matched no readable files "
                                 "(.jsonl, .jsonl.zst, .json.gz, .parquet or text files)")
     return sorted({(f.url or f.path): f for f in files}.values(), key=lambda f: f.rel)
 

@@ -22,13 +22,14 @@ from typing import Any, Callable
 import zstandard
 
 from tasks.core.data_config import CorpusConfig
-from tasks.download.fetch import Fetched, PermanentTransferError, Remote, RetryPolicy, fetch, redact_url
+from tasks.core.urls import redact
+from tasks.download.fetch import Fetched, PermanentTransferError, Remote, RetryPolicy, fetch
 from tasks.download.readers import REASONS, read_records
 from tasks.download.sources import SourceFile, list_sources, remote_access
 from tasks.core.protocol import (Computed, Stage, StageResult, atomic_path, check_accounting, file_entry,
                                  run_stage, sha256_file)
 
-STAGE = Stage("download", version=3, module=__name__, section="corpus",
+STAGE = Stage("download", version=4, module=__name__, section="corpus",
               info_keys=("capped", "shards", "source_bytes", "quarantine_reasons"))
 ZSTD_LEVEL = 3
 QUARANTINE = "quarantine.jsonl"
@@ -49,7 +50,7 @@ def plan(cfg: CorpusConfig, workspace: str) -> tuple[str, Path]:
 def public_config(cfg: CorpusConfig) -> dict[str, Any]:
     """The config as recorded in fingerprints and manifests: secrets masked, URLs redacted."""
     data = cfg.model_dump(mode="json")
-    data["sources"] = [redact_url(s) if isinstance(s, str) else {**s, "url": redact_url(s["url"])}
+    data["sources"] = [redact(s) if isinstance(s, str) else {**s, "url": redact(s["url"])}
                        for s in data["sources"]]
     return data
 
@@ -135,8 +136,8 @@ def _fetch_one(f: SourceFile, cfg: CorpusConfig, remote: Remote, progress: Progr
     policy = RetryPolicy(retries=cfg.download_retries, backoff_s=cfg.retry_backoff_s,
                          timeout_s=cfg.timeout_s)
     auth = f.spec.auth.get_secret_value() if f.spec.auth is not None else None
-    return fetch(f.url, f.path, sha256=f.sha256, size=f.expected_size, policy=policy, auth=auth,
-                 remote=remote, on_bytes=progress.add_transferred)
+    return fetch(f.spec.request_url(f.url), f.path, sha256=f.sha256, size=f.expected_size,
+                 policy=policy, auth=auth, remote=remote, on_bytes=progress.add_transferred)
 
 
 def _wait(future: Future, progress: Progress) -> Fetched:
@@ -164,7 +165,8 @@ def _download(cfg: CorpusConfig, files: list[SourceFile], capped: bool, remote: 
     progress = Progress(len(files), on_progress)
     counts = {"files": 0, "docs": 0, "quarantined": 0, "bytes": 0}
     reasons = dict.fromkeys(REASONS, 0)
-    records, sources, transfers = 0, [], {"fetched": 0, "reused": 0, "retries": 0, "restarts": 0}
+    records, sources = 0, []
+    transfers = {"fetched": 0, "reused": 0, "retries": 0, "restarts": 0, "retry_after": 0, "waited_s": 0.0}
     shards = ShardWriter(directory, cfg.shard_bytes)
     pool = ThreadPoolExecutor(max_workers=cfg.parallel_downloads, thread_name_prefix="fetch")
     try:
@@ -179,6 +181,8 @@ def _download(cfg: CorpusConfig, files: list[SourceFile], capped: bool, remote: 
                     transfers["reused" if fetched.reused else "fetched"] += 1
                     transfers["retries"] += fetched.retries
                     transfers["restarts"] += fetched.restarts
+                    transfers["retry_after"] += sum(why == "retry-after" for _, why in fetched.waits)
+                    transfers["waited_s"] = round(transfers["waited_s"] + sum(s for s, _ in fetched.waits), 3)
                 hasher, docs, bad = hashlib.sha256(), 0, 0
                 for line, item in read_records(f, cfg.text_field, hasher):
                     records += 1
@@ -194,7 +198,7 @@ def _download(cfg: CorpusConfig, files: list[SourceFile], capped: bool, remote: 
                             item = ("unencodable", "text contains unpaired surrogates (not "
                                                    "encodable as UTF-8)")
                     reason, message = item
-                    shown = f.url and redact_url(f.url) or str(f.path)
+                    shown = f.url and redact(f.url) or str(f.path)
                     where = f"{shown}:{line}" if line is not None else shown
                     ledger.write(json.dumps({"source": f.label, "file": shown, "line": line,
                                              "reason_code": reason,
@@ -207,7 +211,7 @@ def _download(cfg: CorpusConfig, files: list[SourceFile], capped: bool, remote: 
                 if f.url is None and f.sha256 is not None and digest != f.sha256:
                     raise PermanentTransferError(f"{f.path}: sha256 mismatch: expected {f.sha256}, "
                                                  f"got {digest}")
-                sources.append({"path": redact_url(f.url) if f.url else str(f.path),
+                sources.append({"path": redact(f.url) if f.url else str(f.path),
                                 "source": f.label, "bytes": size, "sha256": digest, "docs": docs,
                                 "quarantined": bad, "weight": f.spec.weight})
                 counts["files"] += 1

@@ -8,7 +8,8 @@ from prefect import get_run_logger
 from tasks.core.data_config import CorpusConfig
 from tasks.core.prefect_stage import stage_task
 from tasks.core.protocol import StageResult
-from tasks.download.fetch import PermanentTransferError, redact_text
+from tasks.core.urls import redact
+from tasks.download.fetch import PermanentTransferError
 from tasks.download.stage import PROGRESS_HOOKS, STAGE, BadInputError, describe, plan, run_download
 
 
@@ -41,7 +42,7 @@ def _progress_sink(logger: Any) -> Callable[[dict[str, float]], None]:
             else:
                 update_progress_artifact(state["id"], progress=100 * p["fraction"], description=line)
         except Exception as exc:  # progress must never fail the stage (e.g. no API reachable)
-            logger.debug(f"progress artifact not updated: {redact_text(str(exc))}")
+            logger.debug(f"progress artifact not updated: {redact(str(exc))}")
 
     return sink
 

@@ -376,6 +376,51 @@ def test_mlflow_models_serve_round_trip(first_run, tmp_path):
     assert served[3] != served[12]  # max_new_tokens reached the model
 
 
+def test_readme_serving_section_walked_as_written(first_run, tmp_path):
+    """The README's `mlflow models serve` command and request body, copied from README.md itself (only
+    the store, the model name and the port swapped for this test's), run from the repository root:
+    the answer is the model's own greedy decoding of exactly the requested number of tokens."""
+    import os
+    import sys
+    import urllib.request
+
+    import mlflow
+    from readme import README, inline_code
+
+    from flows.cli.procs import free_port, start_process, stop_process, wait_http
+
+    serve, body = inline_code("mlflow models serve"), inline_code('"dataframe_records"')
+    name, port = first_run["cfg"].registry.model_name, free_port()
+    swaps = {"sqlite:///.neo/mlflow/mlflow.db": tracking.tracking_uri(first_run["ws"]),
+             "models:/gpt-neo-tiny@": f"models:/{name}@", "-p 5001": f"-p {port}"}
+    root = README.parent
+    if not (root / ".venv" / "bin").is_dir():  # tests run from another venv: the README's is the Makefile's
+        swaps[".venv/bin"] = os.path.dirname(sys.executable)
+    cmd = serve
+    for old, new in swaps.items():
+        assert old in cmd, f"README's serve command no longer has {old!r}: {serve}"
+        cmd = cmd.replace(old, new)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the command sets it
+    log = tmp_path / "serve.log"
+    proc = start_process(["bash", "-c", cmd], log, env, cwd=root)
+    request = json.loads(body)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 180, proc, log)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(request).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            served = json.loads(r.read())["predictions"]
+    finally:
+        stop_process(proc, 30)
+    with tracking.fluent(first_run["ws"]):
+        gen = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model()
+    (record,), n = request["dataframe_records"], request["params"]["max_new_tokens"]
+    ids = gen.tokenizer.encode(record["prompt"]).ids
+    out = gen.model.generate(torch.tensor([ids]), max_new_tokens=n, temperature=0.0,
+                             eos_token_id=gen.model.config.eos_token_id)
+    assert served == [gen.tokenizer.decode(out[0, len(ids):].tolist())] and 0 < out.shape[1] - len(ids) <= n
+
+
 def test_hand_off_to_a_pool_nobody_serves_fails_naming_the_pool(first_run):
     """`retrain` hands training to a deployment on a pool without a worker: the run fails within the
     start timeout, naming the pool and how to serve it, and the waiting child run is cancelled."""

@@ -1,6 +1,7 @@
 """A real HTTP server for download tests: serves bytes from memory on 127.0.0.1 with Range support,
-counts requests per path, and misbehaves on request: drop the connection mid-body, answer 503/429 a
-few times, ignore Range, serve corrupted bytes once, demand basic auth. It also answers the few
+counts requests per path (and records their query strings), and misbehaves on request: drop the
+connection mid-body, answer 503/429 (any status) a few times (`"429@<Retry-After value>"` sets the
+header, default 0), ignore Range, serve corrupted bytes once, demand basic auth. It also answers the few
 Hugging Face hub endpoints `HfFileSystem` uses (revision info, paths-info, tree, resolve)."""
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Origin:
         self.auth: dict[str, str] = {}
         self.gets: collections.Counter = collections.Counter()
         self.ranges: dict[str, list[str | None]] = collections.defaultdict(list)
+        self.queries: dict[str, list[str]] = collections.defaultdict(list)
         self.hf: dict[str, dict[str, bytes]] = {}
         """HF dataset repo id -> {path in repo: bytes}."""
         self._lock = threading.Lock()
@@ -79,6 +81,7 @@ class Origin:
             if not head:
                 self.gets[path] += 1
                 self.ranges[path].append(h.headers.get("Range"))
+                self.queries[path].append(urlsplit(h.path).query)
             action = self.faults[path].pop(0) if self.faults[path] and not head else None
         if path in self.auth:
             given = h.headers.get("Authorization", "")
@@ -86,8 +89,9 @@ class Origin:
                 return self._send(h, 401, b"auth required", head=head)
         if path not in self.files:
             return self._send(h, 404, b"not found", head=head)
-        if action in ("503", "429"):
-            return self._send(h, int(action), b"busy", {"Retry-After": "0"}, head=head)
+        code, _, retry_after = (action or "").partition("@")
+        if code.isdigit():  # "503", "429", "500@7", ...
+            return self._send(h, int(code), b"busy", {"Retry-After": retry_after or "0"}, head=head)
         data = self.files[path]
         if action == "corrupt" or "corrupt" in self.always[path]:
             data = bytes([data[0] ^ 0xFF]) + data[1:]

@@ -72,8 +72,10 @@ def test_kept_copy_is_earliest_and_ledger_is_consistent(corpus, result):
     text = {d["id"]: d["text"] for d in docs}
     kept = {d["id"] for d in iter_parquet_docs(Path(result.path), columns=("id",))}
     for row in _ledger(result):
-        assert row["duplicate_of"] in kept and row["id"] not in kept
-        assert order[row["cluster"]] <= order[row["duplicate_of"]] < order[row["id"]]
+        assert row["kept"] in kept and row["id"] not in kept
+        assert order[row["cluster"]] <= order[row["kept"]] <= order[row["duplicate_of"]] < order[row["id"]]
+        if row["kind"] == "exact":  # the direct match is the same text, not a cluster's other member
+            assert text_key(text[row["id"]], CFG) == text_key(text[row["duplicate_of"]], CFG)
         if row["kind"] == "near":  # verified: the signature estimate passed the threshold
             assert row["similarity"] >= CFG.threshold and jaccard(text[row["id"]], text[row["duplicate_of"]]) > 0.5
     c = result.counts
@@ -223,3 +225,42 @@ def test_killed_runs_scratch_is_removed_by_the_next_run_and_a_live_runs_is_kept(
     assert held.is_dir()  # SIGKILL: the scratch directory stays behind, its lock released
     run_dedup(DedupConfig(workers=1, verify=False), cleaned, str(ws))  # the next run's global step
     assert [p.name for p in scratch.iterdir()] == ["dedup-recent"]
+
+
+def _three(seed: int = 11) -> dict[str, str]:
+    """A, A' (A re-spaced: an exact copy), B (A with two words replaced: a near copy, J ~0.95)."""
+    from planted_corpus import base_doc, edit, vocabulary
+
+    rng = random.Random(seed)
+    vocab = vocabulary(rng)
+    a = base_doc(rng, vocab, 240)
+    return {"A": a, "A2": "  " + a.replace(" ", "  "), "B": edit(rng, vocab, a, 2)}
+
+
+@pytest.mark.parametrize("order,expected", [
+    # the cluster keeps B: A is B's near copy, and A2 is A's exact copy (not B's, whose text differs)
+    (["B", "A", "A2"], {"A": ("B", "near", "B"), "A2": ("A", "exact", "B")}),
+    # the cluster keeps A: both copies matched A itself
+    (["A", "A2", "B"], {"A2": ("A", "exact", "A"), "B": ("A", "near", "A")}),
+    (["A", "B", "A2"], {"B": ("A", "near", "A"), "A2": ("A", "exact", "A")}),
+    # the cluster keeps A2: A is its exact copy, B its near copy
+    (["A2", "B", "A"], {"B": ("A2", "near", "A2"), "A": ("A2", "exact", "A2")}),
+])
+@pytest.mark.parametrize("per_shard", [1, 3])
+def test_ledger_rows_name_the_direct_match_and_the_kept_document(tmp_path, order, expected, per_shard):
+    texts = _three()
+    docs = [{"id": name, "text": texts[name], "source": "gen"} for name in order]
+    result = run_dedup(CFG, write_clean_upstream(docs, tmp_path / "up", per_shard), str(tmp_path / "ws"))
+    rows = {r["id"]: r for r in _ledger(result)}
+    assert {i: (r["duplicate_of"], r["kind"], r["kept"]) for i, r in rows.items()} == expected
+    kept = {d["id"] for d in iter_parquet_docs(Path(result.path), columns=("id",))}
+    assert kept == {order[0]} and {r["cluster"] for r in rows.values()} == {order[0]}
+    for row in rows.values():  # each row's kind and similarity are those of its own match
+        same = text_key(texts[row["id"]], CFG) == text_key(texts[row["duplicate_of"]], CFG)
+        assert same == (row["kind"] == "exact")
+        if same:
+            assert row["similarity"] == 1.0
+        else:
+            assert CFG.threshold <= row["similarity"] <= 1.0  # the estimate for THIS pair
+            assert jaccard(texts[row["id"]], texts[row["duplicate_of"]]) > 0.9
+    assert result.info["exact"] == 1 and result.info["near"] == 1 and result.info["clusters"] == 1

@@ -2,13 +2,17 @@
 import hashlib
 import json
 import os
+import time
+from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path, PurePosixPath
+from urllib.parse import quote
 
 import pytest
 
 from fake_origin import Origin
 from tasks.download.fetch import (ChecksumError, PermanentTransferError, RetryPolicy, TransferError,
-                         cache_relpath, cached, fetch, redact_text, redact_url, safe_join)
+                                 cached, fetch, redact_text, redact_url, retry_after_s)
+from tasks.download.sources import cache_relpath, safe_join
 
 DATA = os.urandom(300_000) + b"tail"
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -152,3 +156,94 @@ def test_sidecar_records_redacted_url(origin, tmp_path):
     meta = json.loads((tmp_path / "a.bin.ok.json").read_text())
     assert meta == {"url": redact_url(url), "sha256": SHA, "bytes": len(DATA)}
     assert "hunter2" not in json.dumps(meta)
+
+
+# ---------------------------------------------------------------------------- Retry-After, URL secrets
+
+
+def test_retry_after_seconds_is_honoured(origin, tmp_path):
+    url = origin.add("/a.bin", DATA)
+    origin.faults["/a.bin"] = ["429@1"]
+    started = time.monotonic()
+    got = fetch(url, tmp_path / "a.bin", sha256=SHA, policy=FAST)
+    assert got.sha256 == SHA and got.retries == 1 and origin.gets["/a.bin"] == 2
+    assert got.waits == [(1.0, "retry-after")]  # the server's 1 s, not FAST's 1 ms backoff
+    assert time.monotonic() - started >= 0.9
+
+
+def test_retry_after_is_capped_and_reads_http_dates(origin, tmp_path):
+    url = origin.add("/a.bin", DATA)
+    later, earlier = formatdate(time.time() + 3600, usegmt=True), formatdate(time.time() - 3600, usegmt=True)
+    origin.faults["/a.bin"] = ["503@3600", f"503@{later}", f"429@{earlier}", "503@soon", "500@7"]
+    policy = RetryPolicy(retries=5, backoff_s=0.001, max_backoff_s=0.2, timeout_s=10)
+    got = fetch(url, tmp_path / "a.bin", sha256=SHA, policy=policy)
+    assert got.sha256 == SHA and origin.gets["/a.bin"] == 6
+    assert [why for _, why in got.waits] == ["retry-after"] * 3 + ["backoff"] * 2  # unreadable; not 429/503
+    assert [s for s, _ in got.waits[:3]] == [0.2, 0.2, 0.0]  # capped, capped, a date already past
+    assert all(s < 0.05 for s, _ in got.waits[3:])  # FAST backoff: 1 ms doubling, +/- 50%
+
+
+def test_retry_after_values():
+    now = parsedate_to_datetime("Wed, 21 Oct 2015 07:28:00 GMT").timestamp()
+    assert retry_after_s("120") == 120.0 and retry_after_s(" 0 ") == 0.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:30 GMT", now=now) == 30.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:00:00 GMT", now=now) == 0.0
+    for bad in (None, "", "soon", "-5", "1.5"):
+        assert retry_after_s(bad) is None
+
+
+@pytest.mark.parametrize("user,password", [("user", "p@ss"), ("j\u00fcrgen", "p\u00e4 ss:/?#@\u2713%")])
+def test_url_credentials_are_percent_decoded(origin, tmp_path, user, password):
+    url = origin.add("/private.bin", DATA)
+    origin.auth["/private.bin"] = f"{user}:{password}"  # the server checks the Basic header (UTF-8)
+    encoded = url.replace("http://", f"http://{quote(user, safe='')}:{quote(password, safe='')}@")
+    got = fetch(encoded, tmp_path / "p.bin", sha256=SHA, policy=FAST)
+    assert got.sha256 == SHA and origin.gets["/private.bin"] == 1
+    assert quote(password, safe="") not in (tmp_path / "p.bin.ok.json").read_text()
+
+
+def test_url_credentials_split_at_the_last_at(origin, tmp_path):
+    url = origin.add("/private.bin", DATA)
+    origin.auth["/private.bin"] = "user:p@ss"
+    raw = url.replace("http://", "http://user:p@ss@")  # not encoded: the last `@` ends the userinfo
+    assert fetch(raw, tmp_path / "p.bin", sha256=SHA, policy=FAST).sha256 == SHA
+    assert redact_url(raw) == url and "ss@" not in (tmp_path / "p.bin.ok.json").read_text()
+
+
+def test_errors_and_sidecars_never_show_query_secrets(origin, tmp_path):
+    from flows.cli.procs import free_port
+
+    secret = "?download=1&token=TOK-SECRET&X-Amz-Signature=SIG-SECRET&X-Amz-Credential=AKID-SECRET"
+    url = origin.add("/signed.bin", DATA)
+    got = fetch(url + secret, tmp_path / "s.bin", sha256=SHA, policy=FAST)
+    assert got.sha256 == SHA and origin.queries["/signed.bin"] == [secret[1:]]  # sent as given
+    errors = []
+    for bad in (f"{origin.url}/missing.bin{secret}", f"http://127.0.0.1:{free_port()}/x.bin{secret}"):
+        with pytest.raises((PermanentTransferError, TransferError)) as err:
+            fetch(bad, tmp_path / "x.bin", policy=RetryPolicy(retries=1, backoff_s=0.001, timeout_s=5))
+        errors.append(str(err.value))
+    assert "HTTP 404" in errors[0] and "gave up after 2 attempts" in errors[1]
+    for text in errors + [(tmp_path / "s.bin.ok.json").read_text()]:
+        assert "download=1" in text and "token=***" in text and "X-Amz-Signature=***" in text
+        assert "SECRET" not in text, text
+
+
+def test_redaction_of_query_secrets_and_free_text():
+    url = ("https://u:p@ss@h.org/a.jsonl.zst?download=1&X-Amz-Date=20240101&X-Amz-Expires=60"
+           "&X-Amz-Credential=AKID&X-Amz-Security-Token=T1&X-Amz-Signature=S1&sig=S2&access_token=T2"
+           "&key=K&api_key=K2&Signature=S3")
+    assert redact_url(url) == ("https://h.org/a.jsonl.zst?download=1&X-Amz-Date=20240101&X-Amz-Expires=60"
+                               "&X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Signature=***"
+                               "&sig=***&access_token=***&key=***&api_key=***&Signature=***")
+    message = "Max retries exceeded with url: /a?token=T3&v=2 (Caused by https://x:y@z.org/b)"
+    assert redact_text(message) == "Max retries exceeded with url: /a?token=***&v=2 (Caused by https://z.org/b)"
+    assert redact_text('{"url": "https://h/a?sig=S4"}') == '{"url": "https://h/a?sig=***"}'
+    assert redact_url is redact_text  # one function for every record
+
+
+def test_query_strings_keep_the_format_suffix_in_cache_names():
+    name = cache_relpath("https://h.org/d/a.jsonl.zst?download=1").name
+    assert name.startswith("a-") and name.endswith(".jsonl.zst")
+    # a re-signed URL of the same object keeps its cached copy; another object does not share it
+    assert cache_relpath("https://h.org/a.gz?token=A&v=1") == cache_relpath("https://h.org/a.gz?token=B&v=1")
+    assert cache_relpath("https://h.org/a.gz?token=A&v=1") != cache_relpath("https://h.org/a.gz?token=A&v=2")
