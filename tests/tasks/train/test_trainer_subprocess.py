@@ -117,7 +117,7 @@ def test_ddp_two_processes_equal_one_and_resume_on_one(tokens, ref, ddp_run):
     """Same global batch (4 rows: 2 per rank); DDP fails before step 5 (checkpoint at 4), and the
     run resumes on a single process from that checkpoint."""
     want = ref["losses"]
-    assert any("on 2 x cpu (DDP)" in line for line in ddp_run["lines"]), ddp_run["lines"]
+    assert any("on 2 x cpu (DDP, 1 CPU thread(s) per process)" in line for line in ddp_run["lines"]), ddp_run["lines"]
     assert ddp_run["fp"] == ref["result"].fingerprint
     ddp = ddp_run["losses"]
     assert sorted(ddp) == [1, 2, 3, 4, 5]
@@ -146,7 +146,7 @@ def test_fsdp_equals_ddp_and_its_checkpoint_loads_in_one_process(tokens, ref, dd
     with pytest.raises(RuntimeError, match="injected failure before step 5"):
         train_mod.run_train(_cfg(nproc=2, parallel="fsdp"), MODEL, tokens, ws, log=lines.append)
     monkeypatch.delenv(faults.FAIL_AT)
-    assert any("on 2 x cpu (FSDP)" in line for line in lines), lines
+    assert any("on 2 x cpu (FSDP, 1 CPU thread(s) per process)" in line for line in lines), lines
     fp, out = train_mod.plan(_cfg(nproc=2, parallel="fsdp"), MODEL, tokens, ws)
     assert fp == ref["result"].fingerprint  # parallel and nproc are not part of the fingerprint
     fsdp = _losses(ws, _run_id(ws, fp))
@@ -212,7 +212,7 @@ def test_two_nodes_resume_a_ddp_checkpoint_under_fsdp(tokens, ref, ddp_run, tmp_
         res = train_mod.run_train(cfg, MODEL, tokens, ws, log=logs.append)
         node = other.result()
     assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
-    assert any("on 2 x cpu (FSDP)" in m for m in logs), logs
+    assert any("on 2 x cpu (FSDP, 1 CPU thread(s) per process)" in m for m in logs), logs
     assert any("resuming" in m and "(step 4," in m for m in logs), logs
     assert res.counts["steps"] == 6
     assert tracking.client(ws).get_run(res.info["run_id"]).data.tags["neo.world_size"] == "2"
