@@ -349,6 +349,11 @@ def gc(workspace: Optional[Path] = typer.Option(None, "-w", "--workspace"),
         typer.echo(f"dry run: {len(found)} directories, {total / 1e6:,.1f} MB; rerun with --yes to delete")
 
 
+from flows.cli.plan import command as plan_command  # noqa: E402 - `neo plan` (its options live there)
+
+app.command("plan")(plan_command)
+
+
 notify_app = typer.Typer(no_args_is_help=True, help="Notifications through Prefect automations.")
 app.add_typer(notify_app, name="notify")
 

@@ -119,8 +119,12 @@ def removal_warnings(lines_by_source: dict[str, dict]) -> list[str]:
     return warnings
 
 
+def _nonzero(counts: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in counts.items() if v}
+
+
 def describe(result: StageResult) -> tuple[str, list[str]]:
-    """The log line and report lines of a clean result."""
+    """The log line and report lines of a clean result (non-zero counts only)."""
     c, info = result.counts, result.info
     kept_rate = c["kept"] / c["docs_in"] if c["docs_in"] else 0.0
     rejected = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("rejected:") and v}
@@ -134,8 +138,8 @@ def describe(result: StageResult) -> tuple[str, list[str]]:
         f"- kept: {kept_rate:.1%} of documents",
         f"- repaired by ftfy or normalization: {info.get('repaired', 0)}; Python files left as "
         f"they were to keep their AST: {info.get('ast_reverted', 0)}",
-        f"- lines removed by the C4 line rules (prose): {info.get('lines_removed', {})}",
-        *(f"- source {src!r}: {acc['lines']:,} non-blank lines, removed {acc['removed']}"
+        f"- lines removed by the C4 line rules (prose): {_nonzero(info.get('lines_removed', {}))}",
+        *(f"- source {src!r}: {acc['lines']:,} non-blank lines, removed {_nonzero(acc['removed'])}"
           for src, acc in info.get("lines_by_source", {}).items()),
         f"- documents per profile: {info.get('profiles', {})}",
         f"- shards cleaned: {info.get('shards_run', 0)}, reused: {info.get('shards_reused', 0)}",

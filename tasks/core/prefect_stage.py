@@ -19,6 +19,8 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from tasks.core.protocol import Stage, StageResult, read_manifest, stable_hash
+from tasks.core.stage_report import publish_chart, report_markdown
+from tasks.core.urls import redact
 
 Plan = Callable[..., tuple[str, Path]]
 Describe = Callable[[StageResult], tuple[str, list[str]]]
@@ -88,11 +90,13 @@ def stage_task(stage: Stage, plan: Plan, *, describe: Describe | None = None, re
 
 
 def report(stage: str, result: StageResult, lines: list[str] | None = None) -> None:
-    """One markdown artifact per stage run: counts, where the output is, stage-specific notes."""
-    counts = "\n".join(f"| {k} | {v:,} |" for k, v in result.counts.items())
-    body = [f"# {stage}", "", f"- fingerprint: `{result.fingerprint}`", f"- output: `{result.path}`",
-            f"- reused existing output: {result.reused}", "", "| count | value |", "|---|---|", counts]
-    if lines:
-        body += ["", *lines]
-    create_markdown_artifact(key=f"{stage}-report", markdown="\n".join(body),
+    """One markdown artifact per stage run: its chart (data stages, `tasks/core/stage_report.py`),
+    non-zero counts, where the output is, stage-specific notes. A chart that cannot be drawn or
+    logged is a warning, never a failed stage."""
+    try:
+        chart = publish_chart(result)
+    except Exception as exc:
+        chart = None
+        get_run_logger().warning(f"{stage}: report chart not published: {redact(str(exc))}")
+    create_markdown_artifact(key=f"{stage}-report", markdown=report_markdown(stage, result, lines, chart),
                              description=f"{stage} stage report")

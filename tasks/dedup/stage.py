@@ -353,7 +353,7 @@ def _dedup(cfg: DedupConfig, upstream: StageResult, workspace: str, directory: P
 
 
 def describe(result: StageResult) -> tuple[str, list[str]]:
-    """The log line and report lines of a dedup result."""
+    """The log line and report lines of a dedup result (non-zero counts only)."""
     c, info = result.counts, result.info
     rate = c["duplicates"] / c["docs_in"] if c["docs_in"] else 0.0
     hist = info.get("cluster_sizes", {})
@@ -368,6 +368,6 @@ def describe(result: StageResult) -> tuple[str, list[str]]:
             f"- time per sub-step: {info.get('timings', {})}",
             f"- duplicates ledger: `{Path(result.path) / 'duplicates'}`",
             "", "| documents | count |", "|---|---|", f"| kept | {c['kept']:,} |",
-            f"| removed: exact duplicate | {info.get('exact', 0):,} |",
-            f"| removed: near duplicate | {info.get('near', 0):,} |",
-            "", "| cluster size | clusters |", "|---|---|", *(f"| {k} | {v} |" for k, v in hist.items())]
+            *(f"| removed: {kind} duplicate | {n:,} |" for kind in ("exact", "near") if (n := info.get(kind, 0))),
+            "", "| cluster size | clusters |", "|---|---|",
+            *([f"| {k} | {v} |" for k, v in hist.items() if v] or ["| (none) | 0 |"])]

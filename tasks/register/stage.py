@@ -23,6 +23,7 @@ import numpy as np
 
 from tasks.register import registry
 from tasks.core import tracking
+from tasks.core.charts import CHART_FILE
 from tasks.tokenize.bpe import load_tokenizer
 from tasks.core.train_config import RegistryConfig
 from tasks.evaluate.evals.scoring import rolling_nll
@@ -169,7 +170,7 @@ def lineage_dirs(results: list[StageResult], workspace: str) -> dict[str, tuple[
 
 def _log_lineage(c, run_id: str, chain: dict[str, tuple[str, Path]]) -> None:
     """One dataset input per stage output (digest = fingerprint prefix, MLflow caps it at 36 chars),
-    and each stage's manifest and code version where this host has it."""
+    and each stage's manifest, report chart and code version where this host has it."""
     import json
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -181,6 +182,8 @@ def _log_lineage(c, run_id: str, chain: dict[str, tuple[str, Path]]) -> None:
     for stage, (_, path) in chain.items():
         if (path / MANIFEST).is_file():
             c.log_artifact(run_id, str(path / MANIFEST), artifact_path=f"lineage/{stage}")
+        if (path / CHART_FILE).is_file():  # a data stage's report chart (tasks/core/stage_report.py)
+            c.log_artifact(run_id, str(path / CHART_FILE), artifact_path=f"lineage/{stage}")
             manifest = json.loads((path / MANIFEST).read_text())
             if "code_version" in manifest:
                 c.set_tag(run_id, f"neo.code_version.{stage}", manifest["code_version"])

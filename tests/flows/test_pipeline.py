@@ -175,6 +175,28 @@ def test_prefect_records_one_completed_task_run_per_stage(first_run):
     assert f"`{fps['dedup']}`" in reports["dedup-report"].data
 
 
+def test_data_stage_reports_show_their_charts_from_mlflow(first_run):
+    """Each data stage's report links its chart by the MLflow artifact URL of its stage run, lists
+    no zero count, and the training run holds the charts with the lineage manifests."""
+    st = first_run["summary"].stages
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=_flow_tree(client, first_run["flow_run_id"]))))
+    reports = {a.key: a.data for a in arts if a.key and a.key.endswith("-report")}
+    c = tracking.client(first_run["ws"])
+    for stage in ("download", "clean", "dedup", "tokenize"):
+        r = st[stage]
+        [run] = c.search_runs([c.get_experiment_by_name("neo-pipeline").experiment_id],
+                              f"tags.`neo.stage` = '{stage}' and tags.`neo.fingerprint` = '{r.fingerprint}'")
+        assert [a.path for a in c.list_artifacts(run.info.run_id)] == ["report.png"]
+        assert (Path(r.path) / "report.png").is_file() and verify_manifest(Path(r.path)) == []
+        assert (f"](http://127.0.0.1:5000/get-artifact?path=report.png&run_uuid={run.info.run_id})"
+                in reports[f"{stage}-report"])
+        assert "report.png" in {a.path.rsplit("/", 1)[-1] for a in c.list_artifacts(
+            st["train"].info["run_id"], f"lineage/{stage}")}
+    assert "| 0 |" not in reports["clean-report"] and "| rejected:too_short | 3 |" in reports["clean-report"]
+
+
 def test_registered_model_generates_text(first_run):
     import mlflow
 
