@@ -79,9 +79,35 @@ def hand_off(train_deployment: str, tokens_dir: str, config: PipelineConfig, wor
                         f"`prefect worker start --pool {pool}` (or `neo stack up`, which serves the cpu and "
                         "gpu pools on this machine)")
             time.sleep(poll_s)
-    if not fr.state.is_completed():
-        raise RuntimeError(f"deployment {train_deployment} ended {fr.state.name}: flow run {fr.name} ({fr.id})")
-    return fr.state.result()
+        if not fr.state.is_completed():
+            raise RuntimeError(f"deployment {train_deployment} ended {fr.state.name}: flow run {fr.name} ({fr.id})")
+        result = fr.state.result()
+        drop_result_artifacts(client, fr)
+    return result
+
+
+def drop_result_artifacts(client: Any, child: Any, wait_s: float = 15.0) -> int:
+    """Delete the untyped artifacts Prefect's server makes of a persisted result: they show as
+    "unknown" in the UI and hold only the pickle's path under the Prefect home. The child run's
+    result is persisted only so that this hand-off can read it, which it has done; the server records
+    it twice, for the child flow run and for the task run standing for it here (whose final state
+    the child's engine sets just after its own: waited for). Returns how many were deleted."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterTaskRunId
+
+    stub = child.parent_task_run_id
+    deadline = time.monotonic() + wait_s
+    while stub is not None and time.monotonic() < deadline:
+        state = client.read_task_run(stub).state
+        if state is not None and state.is_final():
+            break
+        time.sleep(0.2)
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[child.id])))
+    if stub is not None:
+        found += client.read_artifacts(artifact_filter=ArtifactFilter(task_run_id=ArtifactFilterTaskRunId(any_=[stub])))
+    untyped = {a.id for a in found if a.type is None and a.key is None}
+    for artifact_id in untyped:
+        client.delete_artifact(artifact_id)
+    return len(untyped)
 
 
 def _live_workers(client: Any, pool: str) -> list[str]:
@@ -115,7 +141,8 @@ def neo_pipeline(config: PipelineConfig = PipelineConfig(), workspace: str | Non
         trained = hand_off.with_options(task_run_name=f"hand-off-{config.name}-{data['tokenize'].fingerprint[:10]}")(
             train_deployment, tokens_dir, config, shared, handoff_start_timeout)
     else:
-        trained = neo_train_eval_register(tokens_dir, config, shared)
+        # in-process: the subflow's result needs no persisting (no untyped result artifacts either)
+        trained = neo_train_eval_register.with_options(persist_result=False)(tokens_dir, config, shared)
     stages = {**data, **trained}
     m, registered = stages["evaluate"].info["metrics"], stages["register"]
     return PipelineSummary(workspace=shared, model_name=registered.info["model_name"],

@@ -168,7 +168,7 @@ def train(tokens_dir: str = typer.Argument(..., help="A token directory (`neo da
                   "since); `neo data` prints the one to use")
         from flows.train import neo_train_eval_register
 
-        _summary(neo_train_eval_register(tokens_dir, cfg, shared or str(ws)), ws)
+        _summary(neo_train_eval_register.with_options(persist_result=False)(tokens_dir, cfg, shared or str(ws)), ws)
 
 
 @app.command("eval")

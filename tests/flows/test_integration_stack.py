@@ -224,6 +224,11 @@ def test_retrain_completes_every_stage_on_both_pools(stack, retrain):
     assert child.parent_task_run_id in {t.id for t in parent_tasks}
     assert _artifact_keys(stack, run.id) >= {f"{s}-report" for s in DATA_STAGES}
     assert _artifact_keys(stack, child.id) >= {f"{s}-report" for s in TRAIN_STAGES} | {"registered-model"}
+    # The child's result was persisted for the hand-off to read; its untyped ("unknown") artifact, a
+    # pickle path in the worker's Prefect home, is gone once read.
+    arts = stack["client"].read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=_flow_tree(stack, run.id) + [child.id])))
+    assert [(a.flow_run_id, a.task_run_id, a.data) for a in arts if a.type is None] == []
 
 
 def test_mlflow_registered_the_champion_from_that_run(stack, retrain):

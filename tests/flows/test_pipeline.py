@@ -170,6 +170,8 @@ def test_prefect_records_one_completed_task_run_per_stage(first_run):
             flow_run_id=ArtifactFilterFlowRunId(any_=_flow_tree(client, first_run["flow_run_id"]))))
     reports = {a.key: a for a in arts if a.key and a.key.endswith("-report")}
     assert set(reports) == {f"{n}-report" for n in STAGES}
+    # no "unknown" artifacts: the untyped records of persisted results (a pickle path in the Prefect home)
+    assert [(a.type, a.data) for a in arts if a.type is None] == []
     link = next(a for a in arts if a.key == "registered-model")
     assert f"#/models/{first_run['cfg'].registry.model_name}/versions/1" in link.data
     assert f"`{fps['dedup']}`" in reports["dedup-report"].data
