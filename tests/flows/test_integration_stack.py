@@ -1,14 +1,16 @@
 """Integration: `retrain` deployed with prefect.yaml and run by real servers and process workers.
 
-One stack per module: a `prefect server` and an `mlflow server`, each on its own PostgreSQL database
-created (and dropped) here, process workers for the `cpu` and `gpu` pools, `neo notify setup` pointing
-at a webhook receiver in this process, and `prefect deploy --all` from the repository root. Needs
+One stack per module, brought up by `neo stack up --db-url` alone: a `prefect server` and an `mlflow
+server`, each on its own PostgreSQL database (dropped here at the end), process workers for the `cpu`
+and `gpu` pools; then `neo notify setup` pointing at a webhook receiver in this process, and
+`prefect deploy --all` from the repository root. Needs
 PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth): skipped where absent, failed under CI=true.
 Run it alone with `pytest -m integration`.
 """
 import http.server
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -18,16 +20,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter,
                                             DeploymentFilterId, FlowRunFilter, FlowRunFilterId,
                                             FlowRunFilterParentFlowRunId)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.cli import notify
-from flows.cli.databases import database_urls, drop_databases, ensure_databases
+from flows.cli.databases import database_urls, drop_databases
 from tasks.core.config import load_config
-from flows.cli.procs import free_port, log_tail, start_process, stop_process, wait_http
+from flows.cli.procs import free_port, log_tail, start_process, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -78,66 +79,52 @@ def _finish(proc, log: Path, timeout: float = 300) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, postgres_server):
+    """The stack as a user brings it up: `neo stack up --db-url ...` alone (Prefect and MLflow servers
+    on their own PostgreSQL databases, workers for the `cpu` and `gpu` pools), then the README's
+    `neo notify setup` and `prefect deploy --all` from the repository root; `neo stack down` at the end."""
     tmp = tmp_path_factory.mktemp("stack")
-    # Two fresh databases, neo_it_<hex>_prefect and neo_it_<hex>_mlflow, with the drivers `neo stack` uses.
-    prefect_db, mlflow_db, _ = database_urls(tmp, f"{postgres_server}/neo_it_{uuid.uuid4().hex[:8]}")
-    procs: list = []
+    stack_ws = tmp / "stack-ws"
+    db_base = f"{postgres_server}/neo_it_{uuid.uuid4().hex[:8]}"
+    prefect_db, mlflow_db, _ = database_urls(stack_ws, db_base)
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), type("H", (_Receiver,), {"received": []}))
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    p_port, m_port = free_port(), free_port()
+    api, mlflow_url = f"http://127.0.0.1:{p_port}/api", f"http://127.0.0.1:{m_port}"
+    base = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # the stack's processes inherit these: a run refused a concurrency slot is retried after 2 s
+            # (default 30), workers poll every 2 s (default 10), flow-run logs go to the API
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2", "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_LOGGING_TO_API_ENABLED": "true"}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME"):
+        base.pop(key, None)
     try:
-        ensure_databases(prefect_db, mlflow_db)
-        p_port, m_port = free_port(), free_port()
-        api, mlflow_url = f"http://127.0.0.1:{p_port}/api", f"http://127.0.0.1:{m_port}"
-        base = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        base.pop("PREFECT_API_URL", None)
-        server_env = {**base, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db,
-                      # A run refused a concurrency slot is retried after this many seconds (default 30).
-                      "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
-        procs.append(start_process([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                    "--port", str(p_port)], tmp / "prefect-server.log", env=server_env))
-        procs.append(start_process(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db,
-             "--artifacts-destination", str(tmp / "mlflow-artifacts"), "--host", "127.0.0.1",
-             "--port", str(m_port), "--workers", "1"], tmp / "mlflow-server.log",
-            env={**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}))
-        wait_http(f"{api}/health", 300, procs[0], tmp / "prefect-server.log")
-        wait_http(f"{mlflow_url}/health", 300, procs[1], tmp / "mlflow-server.log")
-
+        up = start_process([str(BIN / "neo"), "stack", "up", "-w", str(stack_ws), "--prefect-port", str(p_port),
+                            "--mlflow-port", str(m_port), "--db-url", db_base], tmp / "stack-up.log", env=base)
+        _finish(up, tmp / "stack-up.log", timeout=600)
         client_env = {**base, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url,
-                      "PREFECT_LOGGING_TO_API_ENABLED": "true",
-                      "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp / "results"),
-                      "PREFECT_WORKER_QUERY_SECONDS": "2"}
+                      "PREFECT_HOME": str(tmp / "client-prefect-home")}
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            from prefect.workers.process import ProcessWorker
-
-            template = ProcessWorker.get_default_base_job_template()
-            for pool in ("cpu", "gpu"):
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
             webhook = f"http://127.0.0.1:{receiver.server_port}/hook"
             # `neo notify setup` and `prefect deploy` (from the repository root) run side by side.
             setup = start_process([str(BIN / "neo"), "notify", "setup", "--webhook", webhook],
                                   tmp / "notify.log", env=client_env, cwd=ROOT)
             deploy = start_process([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
                                    tmp / "deploy.log", env=client_env, cwd=ROOT)
-            procs += [setup, deploy]
-            for pool in ("cpu", "gpu"):
-                procs.append(start_process([str(BIN / "prefect"), "worker", "start", "--pool", pool,
-                                            "--type", "process", "--name", f"neo-it-{pool}"],
-                                           tmp / f"worker-{pool}.log", env=client_env, cwd=ROOT))
             _finish(setup, tmp / "notify.log")
             _finish(deploy, tmp / "deploy.log")
             yield {"client": client, "api": api, "mlflow": mlflow_url, "tmp": tmp, "webhook": webhook,
-                   "received": receiver.RequestHandlerClass.received}
+                   "logs": stack_ws / "stack" / "logs", "received": receiver.RequestHandlerClass.received}
     finally:
-        for proc in reversed(procs):  # workers first, then the servers
-            stop_process(proc, timeout=20)
+        down = subprocess.run([str(BIN / "neo"), "stack", "down", "-w", str(stack_ws)], capture_output=True,
+                              text=True, env=base, timeout=120)
         receiver.shutdown()
         drop_databases(prefect_db, mlflow_db)
+        assert down.returncode == 0, down.stdout + down.stderr
 
 
 def _logs(stack) -> str:
-    return "\n".join(f"--- {name}:\n{log_tail(stack['tmp'] / name, 2500)}"
+    return "\n".join(f"--- {name}:\n{log_tail(stack['logs'] / name, 2500)}"
                      for name in ("worker-cpu.log", "worker-gpu.log", "prefect-server.log"))
 
 
