@@ -229,6 +229,10 @@ def test_mlflow_registered_the_champion_from_that_run(stack, retrain):
     assert mlflow_run.data.params["train.max_steps"] == str(retrain["cfg"].train.max_steps)
     assert {"config.json", "model.safetensors"} <= {a.path.rsplit("/", 1)[-1]
                                                    for a in c.list_artifacts(mv.run_id, "hf_model")}
+    # lineage through the hand-off: the data stages (run on the cpu pool) are on the version too
+    lineage = {k.removeprefix("neo.fp."): v for k, v in mv.tags.items() if k.startswith("neo.fp.")}
+    assert set(lineage) == set(DATA_STAGES) | {"train", "evaluate"}
+    assert all((retrain["ws"] / stage / fp / "manifest.json").is_file() for stage, fp in lineage.items())
 
 
 def test_deployment_schedule_and_concurrency_as_stored(stack):
