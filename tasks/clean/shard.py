@@ -16,6 +16,14 @@ from tasks.core.data_config import CleanConfig
 from tasks.core.units import DOC_SCHEMA, ParquetSink, finish_unit, read_done, start_unit
 from tasks.download.readers import read_shard
 
+LENGTH_BINS = 24
+"""Document length histogram bins: bin k holds lengths in [2^k, 2^(k+1)) characters (0 in bin 0)."""
+
+
+def length_bin(n_chars: int) -> int:
+    return min(LENGTH_BINS - 1, max(0, n_chars.bit_length() - 1))
+
+
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string()),
                            ("value", pa.float64()), ("n_chars", pa.int64()), ("profile", pa.string())])
 
@@ -33,11 +41,13 @@ def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) 
     lines_removed = dict.fromkeys(LINE_RULES, 0)
     profiles: dict[str, int] = {}
     by_source: dict[str, dict] = {}  # per source: non-blank lines in, lines removed per rule/reason
+    lengths = {"in": [0] * LENGTH_BINS, "kept": [0] * LENGTH_BINS}  # characters per document, log2 bins
     cleaning = 0.0  # seconds in repair, normalization, line rules and filters; the rest is I/O
     with ParquetSink(directory / "docs.parquet", DOC_SCHEMA) as docs, \
             ParquetSink(directory / "rejected.parquet", REJECT_SCHEMA) as rejected:
         for doc in read_shard(Path(shard)):  # a truncated shard raises BrokenStream
             counts["docs_in"] += 1
+            lengths["in"][length_bin(len(doc["text"]))] += 1
             t = time.perf_counter()
             out = clean_document(doc["text"], doc["id"], cfg, fixer)
             cleaning += time.perf_counter() - t
@@ -50,13 +60,14 @@ def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) 
             if out.rejection is None:
                 docs.add(id=doc["id"], text=out.text, source=doc["source"])
                 counts["kept"] += 1
+                lengths["kept"][length_bin(len(out.text))] += 1
             else:
                 reason, value = out.rejection
                 rejected.add(id=doc["id"], source=doc["source"], reason=reason, value=float(value),
                              n_chars=len(out.text), profile=out.profile)
                 counts[f"rejected:{reason}"] += 1
     summary = {"counts": counts, **stats, "lines_removed": lines_removed, "profiles": profiles,
-               "lines_by_source": by_source, "seconds": time.time() - started,
+               "lines_by_source": by_source, "length_hist": lengths, "seconds": time.time() - started,
                "cleaning_seconds": cleaning}
     return {**finish_unit(directory, summary, ["docs.parquet", "rejected.parquet"]), "reused": False}
 

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks.clean.filters import LINE_RULES, reasons_for
-from tasks.clean.shard import clean_shard
+from tasks.clean.shard import LENGTH_BINS, clean_shard
 from tasks.core.data_config import CleanConfig
 from tasks.core.protocol import Computed, Stage, StageResult, check_accounting, file_entry
 from tasks.core.units import Mapper, link, plan_over, run_over, unit_mapper, unit_outputs
 
-STAGE = Stage("clean", version=4, module=__name__, section="clean", inputs=("download",),
+STAGE = Stage("clean", version=5, module=__name__, section="clean", inputs=("download",),
               info_keys=("repaired", "ast_reverted", "lines_removed", "profiles", "shards_run",
-                         "shards_reused", "timings", "lines_by_source", "warnings"))
+                         "shards_reused", "timings", "lines_by_source", "warnings", "length_hist"))
 WARN_REMOVED_FRACTION = 0.5
 """A source that loses more than this share of its non-blank lines gets a warning in the report."""
 
@@ -63,7 +63,8 @@ def _clean(cfg: CleanConfig, upstream: StageResult, workspace: str, directory: P
     counts = {"docs_in": 0, "kept": 0, **{f"rejected:{r}": 0 for r in reasons}}
     info: dict[str, Any] = {"repaired": 0, "ast_reverted": 0, "profiles": {},
                             "lines_removed": dict.fromkeys(LINE_RULES, 0), "shards_run": 0,
-                            "shards_reused": 0, "lines_by_source": {}}
+                            "shards_reused": 0, "lines_by_source": {},
+                            "length_hist": {"in": [0] * LENGTH_BINS, "kept": [0] * LENGTH_BINS}}
     entries, unit_seconds, cleaning = [], 0.0, 0.0
     for i, (job, summary) in enumerate(zip(jobs, summaries)):
         for key, value in summary["counts"].items():
@@ -72,6 +73,8 @@ def _clean(cfg: CleanConfig, upstream: StageResult, workspace: str, directory: P
             info[key] += summary[key]
         for rule, n in summary["lines_removed"].items():
             info["lines_removed"][rule] += n
+        for side, hist in summary["length_hist"].items():
+            info["length_hist"][side] = [a + b for a, b in zip(info["length_hist"][side], hist)]
         for name, n in summary["profiles"].items():
             info["profiles"][name] = info["profiles"].get(name, 0) + n
         for source, acc in summary["lines_by_source"].items():

@@ -2,8 +2,8 @@
 
 download and clean: documents per outcome (kept, then each quarantine or rejection reason that
 happened); dedup: clusters per size bucket and kept vs exact/near duplicates; tokenize: tokens per
-source in each split. Only non-zero outcomes are drawn. (clean keeps no per-document lengths of
-what it kept, so there is no length histogram: counting them would mean reading every document.)
+source in each split; clean also its document length histogram before/after (power-of-two bins of
+characters, counted by its units as they go). Only non-zero outcomes are drawn.
 
 matplotlib (Agg) loads only when a chart is drawn; nothing here imports Prefect or MLflow, so the
 charts are testable alone. `tasks/core/stage_report.py` writes them next to the stage output and
@@ -74,10 +74,28 @@ def download_chart(result: StageResult) -> bytes:
 
 
 def clean_chart(result: StageResult) -> bytes:
+    """Documents per outcome, and beside it the document length histogram before (as read) and after
+    (the kept documents, as cleaned), in power-of-two bins of characters."""
     c = result.counts
-    outcomes = {"kept": c.get("kept", 0), **{f"rejected: {k.split(':', 1)[1]}": v for k, v in c.items()
-                                            if k.startswith("rejected:")}}
-    return outcomes_chart(f"clean: {c.get('docs_in', 0):,} documents in", outcomes)
+    outcomes = nonzero({"kept": c.get("kept", 0), **{f"rejected: {k.split(':', 1)[1]}": v for k, v in c.items()
+                                                    if k.startswith("rejected:")}})
+    hist = result.info.get("length_hist")
+    if not hist:
+        return outcomes_chart(f"clean: {c.get('docs_in', 0):,} documents in", outcomes)
+    plt = _pyplot()
+    fig, (ax, hx) = plt.subplots(1, 2, figsize=(13, 1.6 + 0.45 * max(len(outcomes), 4)))
+    _bars(ax, outcomes, f"clean: {c.get('docs_in', 0):,} documents in", "documents")
+    used = [k for k, (a, b) in enumerate(zip(hist["in"], hist["kept"])) if a or b]
+    lo, hi = (min(used), max(used)) if used else (0, 0)
+    xs = list(range(lo, hi + 1))
+    hx.bar([x - 0.2 for x in xs], [hist["in"][x] for x in xs], width=0.4, label="before (as read)", color="tab:gray")
+    hx.bar([x + 0.2 for x in xs], [hist["kept"][x] for x in xs], width=0.4, label="after (kept)", color="tab:green")
+    hx.set_xticks(xs, [f"{2 ** x:,}" for x in xs], rotation=45, ha="right")
+    hx.set_xlabel("document length, characters (bin start, x2 per bin)")
+    hx.set_ylabel("documents")
+    hx.set_title("length before / after")
+    hx.legend()
+    return _png(fig)
 
 
 def dedup_chart(result: StageResult) -> bytes:

@@ -50,6 +50,32 @@ def test_each_data_stage_chart_is_a_png(stages, stage):
     assert charts.draw(stages[stage]) is not None
 
 
+def test_clean_counts_document_lengths_before_and_after(stages):
+    """The clean chart's length histogram: every document read is in `in`, every kept one in `kept`,
+    each in its power-of-two bin of characters (checked against the stage's own output)."""
+    import pyarrow.parquet as pq
+
+    from tasks.clean.shard import LENGTH_BINS, length_bin
+    from tasks.download.readers import read_shard
+
+    cleaned, raw = stages["clean"], stages["download"]
+    hist = cleaned.info["length_hist"]
+    assert len(hist["in"]) == len(hist["kept"]) == LENGTH_BINS
+    assert sum(hist["in"]) == cleaned.counts["docs_in"] and sum(hist["kept"]) == cleaned.counts["kept"]
+    want_in, want_kept = [0] * LENGTH_BINS, [0] * LENGTH_BINS
+    for shard in sorted(Path(raw.path).glob("*.jsonl.zst")):
+        for doc in read_shard(shard):
+            want_in[length_bin(len(doc["text"]))] += 1
+    for part in sorted(Path(cleaned.path).glob("docs-*.parquet")):
+        for text in pq.read_table(part, columns=["text"]).column("text").to_pylist():
+            want_kept[length_bin(len(text))] += 1
+    assert (hist["in"], hist["kept"]) == (want_in, want_kept)
+    assert (length_bin(0), length_bin(1), length_bin(1023), length_bin(1024)) == (0, 0, 9, 10)
+    # the chart grows a second panel for it
+    plain = charts.clean_chart(cleaned.model_copy(update={"info": {**cleaned.info, "length_hist": None}}))
+    assert len(charts.clean_chart(cleaned)) > len(plain)
+
+
 def test_stages_without_a_chart_draw_none(stages):
     assert charts.draw(stages["tokenize"].model_copy(update={"stage": "train"})) is None
 
