@@ -10,6 +10,7 @@ Run it alone with `pytest -m integration`.
 import http.server
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from readme import fenced_commands, inline_code
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter,
                                             DeploymentFilterId, FlowRunFilter, FlowRunFilterId,
@@ -98,29 +100,51 @@ def stack(tmp_path_factory, postgres_server):
             "PREFECT_LOGGING_TO_API_ENABLED": "true"}
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME"):
         base.pop(key, None)
+    # The README's "Local stack" block and "Scheduled retraining" commands, as written; the test adds
+    # only its workspace, ports and database (flags the README documents) and swaps the printed ports.
+    up_line, export_line, status_line, down_line = fenced_commands("### Local stack")
+    assert (up_line, status_line, down_line) == ("neo stack up", "neo stack status", "neo stack down")
+    here = ["-w", str(stack_ws)]
     try:
-        up = start_process([str(BIN / "neo"), "stack", "up", "-w", str(stack_ws), "--prefect-port", str(p_port),
-                            "--mlflow-port", str(m_port), "--db-url", db_base], tmp / "stack-up.log", env=base)
+        up = start_process([*_argv(up_line), *here, "--prefect-port", str(p_port), "--mlflow-port", str(m_port),
+                            "--db-url", db_base], tmp / "stack-up.log", env=base)
         _finish(up, tmp / "stack-up.log", timeout=600)
-        client_env = {**base, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url,
-                      "PREFECT_HOME": str(tmp / "client-prefect-home")}
+        exported = dict(item.split("=", 1) for item in shlex.split(export_line)[1:])
+        exported = {k: v.replace(":4200", f":{p_port}").replace(":5000", f":{m_port}") for k, v in exported.items()}
+        assert exported == {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url}, export_line
+        client_env = {**base, **exported, "PREFECT_HOME": str(tmp / "client-prefect-home"),
+                      "PREFECT_CLI_PROMPT": "false"}
+        status = subprocess.run([*_argv(status_line), *here], capture_output=True, text=True, env=client_env,
+                                timeout=120)
+        assert status.returncode == 0 and "pool gpu" in status.stdout, status.stdout + status.stderr
+        create = inline_code("prefect work-pool create cpu")
+        for pool in ("cpu", "gpu"):  # "the same for `gpu`": works after `neo stack up` made both pools
+            made = subprocess.run(_argv(create.replace(" cpu ", f" {pool} ")), capture_output=True, text=True,
+                                  env=client_env, timeout=120)
+            assert made.returncode == 0, made.stdout + made.stderr
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             webhook = f"http://127.0.0.1:{receiver.server_port}/hook"
             # `neo notify setup` and `prefect deploy` (from the repository root) run side by side.
             setup = start_process([str(BIN / "neo"), "notify", "setup", "--webhook", webhook],
                                   tmp / "notify.log", env=client_env, cwd=ROOT)
-            deploy = start_process([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
-                                   tmp / "deploy.log", env=client_env, cwd=ROOT)
+            deploy = start_process(_argv(inline_code("prefect deploy --all")), tmp / "deploy.log", env=client_env,
+                                   cwd=ROOT)
             _finish(setup, tmp / "notify.log")
             _finish(deploy, tmp / "deploy.log")
             yield {"client": client, "api": api, "mlflow": mlflow_url, "tmp": tmp, "webhook": webhook,
-                   "logs": stack_ws / "stack" / "logs", "received": receiver.RequestHandlerClass.received}
+                   "env": client_env, "logs": stack_ws / "stack" / "logs",
+                   "received": receiver.RequestHandlerClass.received}
     finally:
-        down = subprocess.run([str(BIN / "neo"), "stack", "down", "-w", str(stack_ws)], capture_output=True,
-                              text=True, env=base, timeout=120)
+        down = subprocess.run([*_argv(down_line), *here], capture_output=True, text=True, env=base, timeout=120)
         receiver.shutdown()
         drop_databases(prefect_db, mlflow_db)
         assert down.returncode == 0, down.stdout + down.stderr
+
+
+def _argv(line: str) -> list[str]:
+    """A README command line as argv, its program (`neo`, `prefect`) taken from this venv."""
+    argv = shlex.split(line)
+    return [str(BIN / argv[0]), *argv[1:]]
 
 
 def _logs(stack) -> str:
@@ -300,3 +324,24 @@ def test_notify_setup_is_idempotent(stack):
         after = stack["client"].read_automations_by_name(name)
         assert [a.id for a in after] == [a.id for a in found] == [again.automations[name]]
         assert after[0].enabled and after[0].actions[0].block_document_id == again.block_id
+
+
+def test_readme_deployment_run_command_as_written(stack, retrain):
+    """The README's `prefect deployment run 'neo_pipeline/retrain' --param preset=... --param
+    'overrides=...'`, run as written, creates a retrain run with exactly those parameters (cancelled
+    here: the full run is what the `retrain` fixture already did)."""
+    from prefect.states import Cancelled
+
+    dep = _deployment(stack, "neo_pipeline/retrain")
+    before = {r.id for r in stack["client"].read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))}
+    line = inline_code("prefect deployment run")
+    out = subprocess.run(_argv(line), capture_output=True, text=True, env=stack["env"], cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    runs = stack["client"].read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+    [new] = [r for r in runs if r.id not in before]
+    try:
+        given = dict(p.split("=", 1) for p in shlex.split(line)[5::2])
+        assert new.parameters["preset"] == given["preset"] == "debug"
+        assert new.parameters["overrides"] == json.loads(given["overrides"]) == {"train.max_steps": 800}
+    finally:
+        stack["client"].set_flow_run_state(new.id, Cancelled(message="README walk: parameters checked"), force=True)
