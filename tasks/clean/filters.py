@@ -13,7 +13,6 @@ check flags: `fix_text` reads ~1.7 MB/s, about as slow as tokenization (REFERENC
 from __future__ import annotations
 
 import ast
-import fnmatch
 import re
 import unicodedata
 from typing import Iterable, NamedTuple
@@ -22,6 +21,7 @@ import ftfy
 import numpy as np
 from ftfy.badness import is_bad
 
+from tasks.clean.profiles import choose_profile
 from tasks.core.data_config import CleanConfig, CodeFilters, ProseFilters
 from tasks.dedup.minhash import ngram_keys
 
@@ -49,7 +49,6 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 """C0 controls and DEL, except tab, newline, form feed (legal in Python source) and carriage return."""
 _TRAILING_WS = re.compile(r"[ \t]+$", re.M)
 _BLANK_RUNS = re.compile(r"\n{3,}")
-_PART_SUFFIX = re.compile(r":\d+$")
 _ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")
 """A whitespace-separated word holding at least one letter."""
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s|$)")
@@ -112,13 +111,8 @@ def same_python_ast(before: str, after: str) -> bool:
 
 
 def profile_for(doc_id: str, cfg: CleanConfig) -> str:
-    """The filter profile of a document: the first `cfg.profiles` glob matching its id, or its id
-    without a trailing `:<n>` (a jsonl line, or a part of a split text file)."""
-    bare = _PART_SUFFIX.sub("", doc_id)
-    for pattern, profile in cfg.profiles.items():
-        if fnmatch.fnmatchcase(doc_id, pattern) or fnmatch.fnmatchcase(bare, pattern):
-            return profile
-    return cfg.default_profile
+    """The filter profile an id alone picks (see `tasks/clean/profiles.py` for the whole order)."""
+    return choose_profile(doc_id, cfg.model_copy(update={"detect_code": False}))
 
 
 # ---------------------------------------------------------------------------- filters
@@ -358,10 +352,11 @@ class Cleaned(NamedTuple):
     """Non-blank lines after whitespace normalization, before the line rules."""
 
 
-def clean_document(raw: str, doc_id: str, cfg: CleanConfig, fixer: ftfy.TextFixerConfig) -> Cleaned:
+def clean_document(raw: str, doc_id: str, cfg: CleanConfig, fixer: ftfy.TextFixerConfig,
+                   source: str | None = None, meta: dict | None = None) -> Cleaned:
     """One document through repair, whitespace normalization, the C4 line rules (prose), the
-    Python AST guard and its profile's filters."""
-    profile = profile_for(doc_id, cfg)
+    Python AST guard and its profile's filters (profile: `tasks/clean/profiles.py`)."""
+    profile = choose_profile(doc_id, cfg, source, meta, raw)
     text = repair(raw, fixer)
     repaired = text != raw
     text = normalize_whitespace(text, profile)

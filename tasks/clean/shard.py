@@ -49,7 +49,7 @@ def clean_shard(cfg: CleanConfig, shard: str, out: str, reasons: Sequence[str]) 
             counts["docs_in"] += 1
             lengths["in"][length_bin(len(doc["text"]))] += 1
             t = time.perf_counter()
-            out = clean_document(doc["text"], doc["id"], cfg, fixer)
+            out = clean_document(doc["text"], doc["id"], cfg, fixer, doc.get("source"), doc.get("meta"))
             cleaning += time.perf_counter() - t
             profiles[out.profile] = profiles.get(out.profile, 0) + 1
             stats["repaired"] += out.repaired

@@ -222,7 +222,13 @@ class CleanConfig(Section):
     `<source>:<relative path>[:<n>]` (n: jsonl line or part of a split text file, ignored when
     matching), so suffix globs pick by file type."""
     default_profile: Literal["prose", "code", "none"] = "prose"
-    """Profile for documents no glob matches (`none` = length rules only)."""
+    """Profile for documents nothing else picks a profile for (`none` = length rules only)."""
+    source_profiles: dict[str, Literal["prose", "code", "none"]] = Field(default_factory=dict)
+    """Source label glob -> profile, checked before `profiles` (labels: the source's base name)."""
+    profile_field: str | None = None
+    """A `meta` field whose value (`prose`, `code`, `none`) picks a document's profile, checked first."""
+    detect_code: bool = True
+    """Documents no field, source or id glob picks get `code` when most of their lines read as code."""
     prose: dict[str, Any] = Field(default_factory=lambda: ProseFilters().model_dump())
     """Thresholds of the `prose` profile: the fields of `ProseFilters` (partial dicts allowed; kept as
     a plain mapping so it shows as one parameter in MLflow)."""
