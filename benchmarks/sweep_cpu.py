@@ -38,12 +38,7 @@ from tasks.tokenize.stage import run_tokenize  # noqa: E402
 from tasks.train.spec import TrainSpec  # noqa: E402
 from tasks.train.trainer import train_loop  # noqa: E402
 
-
-def split_text(text: str, held_out: float = 0.1) -> tuple[str, str]:
-    """(first 1-held_out, last held_out) of the text, cut at the line boundary nearest the cut."""
-    cut = int(len(text) * (1 - held_out))
-    cut = text.rfind("\n", 0, cut) + 1 or cut
-    return text[:cut], text[cut:]
+from bench_quality import split_text  # noqa: E402 - the same 90/10 cut the quality benchmark makes
 
 
 def paragraphs(text: str, target: int = 8192) -> list[str]:

@@ -110,11 +110,6 @@ def same_python_ast(before: str, after: str) -> bool:
         return False
 
 
-def profile_for(doc_id: str, cfg: CleanConfig) -> str:
-    """The filter profile an id alone picks (see `tasks/clean/profiles.py` for the whole order)."""
-    return choose_profile(doc_id, cfg.model_copy(update={"detect_code": False}))
-
-
 # ---------------------------------------------------------------------------- filters
 
 

@@ -7,8 +7,9 @@ import pytest
 from planted_corpus import base_doc, vocabulary
 from verse_corpus import VERSE
 from tasks.core.data_config import CleanConfig
+from tasks.clean.profiles import choose_profile as profile_for  # without text: no content check
 from tasks.clean.filters import (LINE_RULES, REASONS, c4_line_filter, clean_document, fixer_config,
-                           normalize_whitespace, profile_for, rejection, repair, same_python_ast)
+                           normalize_whitespace, rejection, repair, same_python_ast)
 
 CFG = CleanConfig(min_chars=20, max_chars=50_000)
 GOOD = ("The quick brown fox jumps over the lazy dog and runs to the river with the others.\n" * 1)
