@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 
 from tasks.core.data_config import CleanConfig, CorpusConfig, DedupConfig, TokenizerConfig
+from tasks.core.run_params import scrub_flow_run_parameters
 from tasks.core.section import Section
 from tasks.core.train_config import EvalConfig, ModelConfig, RegistryConfig, TrainConfig
 from tasks.core.urls import redact
@@ -101,6 +102,7 @@ def resolve_config(config: PipelineConfig | None = None, preset: str | None = No
     with `overrides` ({"train.max_steps": 800}, values already typed) applied; validated like
     `neo run --set`, with the same errors. Deployment parameters use this, so `preset: debug` runs
     the debug preset instead of defaults labelled "debug"."""
+    scrub_flow_run_parameters()  # secrets typed into a run's parameters are masked in Prefect's DB
     if preset is not None:
         data = _preset_data(preset)
     else:

@@ -320,7 +320,13 @@ class TokenizerConfig(Section):
     """Use an existing tokenizer instead of training one: a `tokenizer.json` path or http(s) URL, or a
     directory or URL prefix (ending in `/`) holding GPT-2 `vocab.json` + `merges.txt`. Its sha256 is
     part of the stage fingerprint (`vocab_size`, `train_sample_bytes` then go unused). None = train a
-    byte-level BPE on the train split."""
+    byte-level BPE on the train split. A URL's userinfo and secret query values are taken out as
+    for corpus sources (into `tokenizer_source_auth` / `tokenizer_source_query`), so a signed URL is
+    recorded with `***` in place of its signature."""
+    tokenizer_source_auth: SecretStr | None = None
+    """HTTP basic credentials `user:password` for `tokenizer_source` (taken out of its URL)."""
+    tokenizer_source_query: SecretStr | None = None
+    """The query string of a `tokenizer_source` URL that holds secrets: sent with the request only."""
     eos_token: str = "<|endoftext|>"
     """Document separator; must be in the vocabulary of a loaded tokenizer."""
     split_seed: int = 0
@@ -332,6 +338,24 @@ class TokenizerConfig(Section):
     remote source's URL; e.g. 3.0 = every document three times, 0.5 = half of them, drawn by a hash
     of the id and `mixture_seed`); unlisted sources 1.0.
     Applies to the train split only."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_out_of_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("tokenizer_source"), str):
+            shown, userinfo, query = split_secrets(data["tokenizer_source"])  # tasks/core/urls.py
+            if userinfo is not None or query is not None:
+                data = {**data, "tokenizer_source": shown}
+                if userinfo is not None and data.get("tokenizer_source_auth") is None:
+                    data["tokenizer_source_auth"] = userinfo_auth(userinfo)
+                if query is not None and data.get("tokenizer_source_query") is None:
+                    data["tokenizer_source_query"] = query
+        return data
+
+    def source_secrets(self) -> tuple[str | None, str | None]:
+        """(query, basic auth) to send with `tokenizer_source`'s requests, or None each."""
+        return tuple(s.get_secret_value() if s is not None else None  # type: ignore[return-value]
+                     for s in (self.tokenizer_source_query, self.tokenizer_source_auth))
 
     @model_validator(mode="after")
     def _mixture_weights(self) -> TokenizerConfig:

@@ -13,48 +13,64 @@ import hashlib
 import itertools
 import json
 import os
+import base64
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Iterable, Iterator
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tasks.core.urls import redact, with_query
 
 EOS = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"
 
 
-_FETCHED: dict[str, dict[str, bytes]] = {}
+_FETCHED: dict[tuple, dict[str, bytes]] = {}
 """URL sources fetched by this process (plan() runs more than once per stage); paths are reread."""
 
 
-def _read_location(location: str) -> bytes:
+def _read_location(location: str, query: str | None = None, auth: str | None = None) -> bytes:
     if location.startswith(("http://", "https://")):
-        with urllib.request.urlopen(location, timeout=60) as response:  # noqa: S310 (user's config)
-            return response.read()
+        request = urllib.request.Request(with_query(location, query) if query else location)
+        if auth is not None:
+            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (user's config)
+                return response.read()
+        except OSError as exc:  # the message names the URL as shown, never its secrets
+            raise OSError(f"tokenizer_source {redact(location)}: {redact(str(exc))}") from None
     return Path(location).expanduser().read_bytes()
 
 
-def fetch_tokenizer_source(source: str) -> dict[str, bytes]:
-    """{file name: bytes}: `tokenizer.json`, or GPT-2 `vocab.json` + `merges.txt`, from a path or URL."""
+def fetch_tokenizer_source(source: str, query: str | None = None, auth: str | None = None) -> dict[str, bytes]:
+    """{file name: bytes}: `tokenizer.json`, or GPT-2 `vocab.json` + `merges.txt`, from a path or URL
+    (`query`, `auth`: the secrets taken out of the URL, `TokenizerConfig.source_secrets`; the query
+    goes with every file fetched)."""
     is_url = source.startswith(("http://", "https://"))
-    if is_url and source in _FETCHED:
-        return _FETCHED[source]
-    if source.endswith(".json") and not source.endswith("vocab.json"):
-        files = {TOKENIZER_FILE: _read_location(source)}
+    key = (source, query, auth)
+    if is_url and key in _FETCHED:
+        return _FETCHED[key]
+    path = urlsplit(source).path if is_url else source
+    if is_url and query is None:  # a query without secrets (`?download=1`) goes with every file too
+        query = urlsplit(source).query or None
+    read = (lambda loc: _read_location(loc, query, auth))
+    if path.endswith(".json") and not path.endswith("vocab.json"):
+        files = {TOKENIZER_FILE: read(source)}
     else:
-        base = source if is_url else str(Path(source).expanduser())
-        if source.endswith("vocab.json"):  # the vocab file itself: merges.txt sits beside it
+        base = urlunsplit(urlsplit(source)._replace(query="")) if is_url else str(Path(source).expanduser())
+        if base.endswith("vocab.json"):  # the vocab file itself: merges.txt sits beside it
             base = base[: -len("vocab.json")]
         join = (lambda n: base + n) if is_url else (lambda n: str(Path(base) / n))
         if not is_url and (Path(base) / TOKENIZER_FILE).is_file():
-            files = {TOKENIZER_FILE: _read_location(join(TOKENIZER_FILE))}
+            files = {TOKENIZER_FILE: read(join(TOKENIZER_FILE))}
         else:
-            files = {"vocab.json": _read_location(join("vocab.json")),
-                     "merges.txt": _read_location(join("merges.txt"))}
+            files = {"vocab.json": read(join("vocab.json")), "merges.txt": read(join("merges.txt"))}
     if is_url:
-        _FETCHED[source] = files
+        _FETCHED[key] = files
     return files
 
 

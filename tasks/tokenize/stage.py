@@ -51,7 +51,8 @@ READ_BATCH_ROWS = 256
 def _inputs(cfg: TokenizerConfig, upstream: StageResult) -> list[str]:
     inputs = [upstream.fingerprint]
     if cfg.tokenizer_source is not None:
-        inputs.append(f"tokenizer:{source_sha256(fetch_tokenizer_source(cfg.tokenizer_source))}")
+        fetched = fetch_tokenizer_source(cfg.tokenizer_source, *cfg.source_secrets())
+        inputs.append(f"tokenizer:{source_sha256(fetched)}")
     return inputs
 
 
@@ -130,7 +131,7 @@ def _resume(out: Path, n_units: int) -> dict[int, dict]:
 def _tokenizer_for(cfg: TokenizerConfig, files: list[Path]) -> tuple[Tokenizer, str]:
     """(the tokenizer to save, its name) - loaded from `tokenizer_source` or trained here."""
     if cfg.tokenizer_source is not None:
-        fetched = fetch_tokenizer_source(cfg.tokenizer_source)
+        fetched = fetch_tokenizer_source(cfg.tokenizer_source, *cfg.source_secrets())
         name = f"{cfg.tokenizer_source} ({'+'.join(sorted(fetched))})"
         return tokenizer_from_files(fetched, cfg.eos_token), name
     return (train_tokenizer(_train_sample(files, cfg), cfg.vocab_size, cfg.eos_token),

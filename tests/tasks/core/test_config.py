@@ -101,14 +101,45 @@ def test_query_secrets_never_reach_params_or_flow_run_parameters():
     params = redacted_params(cfg)
     assert json.loads(params["corpus.sources"])[0]["url"] == cfg.corpus.sources[0].url
     assert params["tokenizer.tokenizer_source"] == shown  # any URL-holding value, through `redact`
-    flow_params = takes_config.serialize_parameters({"config": cfg.model_copy(
-        update={"tokenizer": cfg.tokenizer.model_copy(update={"tokenizer_source": None})})})
-    for blob in (json.dumps(params), json.dumps(flow_params), cfg.corpus.model_dump_json(),
-                 repr(cfg.corpus)):
+    assert cfg.tokenizer.tokenizer_source == shown
+    assert cfg.tokenizer.source_secrets() == ("download=1&token=TOK-SECRET&X-Amz-Signature=SIG-SECRET", None)
+    flow_params = takes_config.serialize_parameters({"config": cfg})
+    for blob in (json.dumps(params), json.dumps(flow_params), cfg.model_dump_json(), repr(cfg)):
         assert "SECRET" not in blob and "download=1" in blob
     # the config survives a round trip through its own dump (as `resolve_config` does)
     again = PipelineConfig.model_validate(cfg.model_dump())
     assert again.corpus.sources[0].request_url() == url
+    assert again.tokenizer.source_secrets() == cfg.tokenizer.source_secrets()
+
+
+def test_secrets_typed_into_a_runs_overrides_are_masked_in_prefects_database():
+    """A deployment run's raw `overrides` (or `config`) parameter holding a signed URL: the flow's
+    `resolve_config` (the first call of every flow) stores the run's parameters redacted, and the
+    run itself still uses the secret."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    from tasks.core.config import resolve_config
+
+    url = "https://store.example.org/c/a.jsonl.zst?download=1&X-Amz-Signature=SIG-SECRET"
+    user_url = "https://alice:PW-SECRET@store.example.org/c/tokenizer.json"
+
+    @flow
+    def like_a_deployment_run(preset: str, overrides: dict):
+        cfg = resolve_config(None, preset, overrides)
+        return str(FlowRunContext.get().flow_run.id), cfg
+
+    run_id, cfg = like_a_deployment_run("debug", {"corpus.sources": [url],
+                                                  "tokenizer.tokenizer_source": user_url})
+    assert cfg.corpus.sources[0].request_url() == url  # the run used the secret
+    assert cfg.tokenizer.tokenizer_source_auth.get_secret_value() == "alice:PW-SECRET"
+    with get_client(sync_client=True) as client:
+        stored = client.read_flow_run(run_id).parameters
+    assert stored["preset"] == "debug"
+    assert stored["overrides"] == {
+        "corpus.sources": ["https://store.example.org/c/a.jsonl.zst?download=1&X-Amz-Signature=***"],
+        "tokenizer.tokenizer_source": "https://store.example.org/c/tokenizer.json"}
 
 
 @pytest.mark.parametrize("given,auth", [

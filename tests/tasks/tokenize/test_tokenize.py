@@ -360,6 +360,45 @@ def test_loads_a_tokenizer_json_from_a_url(tmp_path, upstream, built):
     assert read_rows(result.path, "train")[0].tolist() == read_rows(trained.path, "train")[0].tolist()
 
 
+def test_loads_a_tokenizer_from_a_signed_url_with_credentials_and_records_neither(tmp_path, upstream, built):
+    """`tokenizer_source` with `user:p%40ss@` and `?sig=`: the server gets both (basic auth
+    percent-decoded), the manifest and the result name the URL with neither, and a refused request
+    fails with a message that names the URL without its secrets."""
+    import base64
+
+    _, trained = built
+    body = (Path(trained.path) / "tokenizer.json").read_bytes()
+    seen = []
+
+    class Signed(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            good = self.path == "/tok/tokenizer.json?sig=GOOD-SIG" and self.headers.get("Authorization") == \
+                "Basic " + base64.b64encode(b"u:p@ss").decode()
+            self.send_response(200 if good else 403)
+            self.end_headers()
+            self.wfile.write(body if good else b"denied")
+
+        def log_message(self, *a):
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Signed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://u:p%40ss@127.0.0.1:{server.server_address[1]}/tok/tokenizer.json"
+    try:
+        result = run_tokenize(cfg(tokenizer_source=base + "?sig=GOOD-SIG"), upstream, str(tmp_path / "ws"))
+        with pytest.raises(OSError) as refused:
+            run_tokenize(cfg(tokenizer_source=base + "?sig=BAD-SIG"), upstream, str(tmp_path / "ws-bad"))
+    finally:
+        server.shutdown()
+    assert result.info["tokenizer_sha256"] == trained.info["tokenizer_sha256"]
+    assert seen[0] == ("/tok/tokenizer.json?sig=GOOD-SIG", "Basic " + base64.b64encode(b"u:p@ss").decode())
+    recorded = json.dumps(manifest_of(result)) + json.dumps(result.info) + str(refused.value)
+    assert "tokenizer.json?sig=***" in recorded and "403" in str(refused.value)
+    for secret in ("GOOD-SIG", "BAD-SIG", "p@ss", "p%40ss"):
+        assert secret not in recorded
+
+
 def test_same_input_same_output_and_thread_count_does_not_matter(tmp_path, upstream, built, monkeypatch):
     _, first = built
     again = run_tokenize(cfg(), upstream, str(tmp_path / "ws2"))
