@@ -1,15 +1,20 @@
 """Model benchmark: our GPTNeo against transformers' GPTNeoForCausalLM, side by side in one run.
 
-CPU (fp32, same threads, same weights, interleaved rounds so load on a shared machine hits both):
-  * training step, forward + backward + AdamW, tokens/s             (goal: ours >= 1.5x HF)
+CPU (fp32, same threads, same weights, interleaved rounds so load on a shared machine hits both; every
+row reports wall and process-CPU seconds side by side, median and best):
+  * training step, forward + backward + AdamW, tokens/s             (goal: ours >= 2x HF)
+    ours = the trainer's path (fused head + loss, no logits kept); --compile adds ours under
+    torch.compile (train.compile: true), its one-time compile reported apart
   * KV-cache greedy generation against HF generate, new tokens/s    (goal: ours >= 2x HF)
+    --compile adds generate(compile=True) (one compiled graph per decode step)
   * local-attention backends (sdpa band mask vs chunked) for the CPU `auto` choice (--backends)
+  * --profile: torch.profiler tables of ours (what is left)
 GPU (--gpu; bf16 autocast, torch.compile, FlexAttention for local layers): forward + backward MFU of
 the 125M preset at context 2048, FLOPs per token = GPTNeo.flops_per_token (REFERENCE.md section 4), and
 the same for HF when transformers is importable. Runs from the source tree: `PYTHONPATH=. python
 benchmarks/bench_model.py --gpu`.
 
-    .venv/bin/python benchmarks/bench_model.py            # CPU figures for RESULTS.md
+    .venv/bin/python benchmarks/bench_model.py --threads 1 --rounds 5 --compile   # RESULTS.md figures
     .venv/bin/python benchmarks/bench_model.py --smoke    # seconds, tiny sizes (make test)
 """
 
@@ -49,27 +54,61 @@ CLOCK = time.perf_counter  # --clock cpu: time.process_time, immune to being des
 
 
 def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, alternating fns round by round (one warm-up call each first)."""
-    for fn in fns.values():
+    """Seconds per call of each fn (by --clock), alternating fns round by round after one warm-up call
+    each (for a compiled fn: the compile, printed). The other clock goes to OTHER for the report."""
+    for name, fn in fns.items():
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
+        warm = time.perf_counter() - t0
+        if warm > 5:
+            print(f"  (first call of {name}: {warm:.1f} s wall, {time.process_time() - c0:.1f} s CPU of this "
+                  f"process; compile workers are not counted in the latter)")
     times: dict[str, list[float]] = {name: [] for name in fns}
+    OTHER.clear()
+    OTHER.update({name: [] for name in fns})
+    other = time.process_time if CLOCK is time.perf_counter else time.perf_counter
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = CLOCK()
+            t0, o0 = CLOCK(), other()
             fn()
             times[name].append(CLOCK() - t0)
+            OTHER[name].append(other() - o0)
     return times
 
 
-def train_step_fn(model, ids, hf: bool):
+OTHER: dict[str, list[float]] = {}
+OTHER_NAME = "CPU"
+
+
+def report(t: dict[str, list[float]], units: float, unit: str) -> dict[str, float]:
+    """Print median/best seconds of both clocks and throughput; return the medians (by --clock)."""
+    med = {k: statistics.median(v) for k, v in t.items()}
+    for k, v in med.items():
+        o = OTHER.get(k) or [float("nan")]
+        print(f"  {k:16s} {v:8.3f} s   {units / v:10.0f} {unit}   (best {min(t[k]):.3f} s; {OTHER_NAME} clock "
+              f"median {statistics.median(o):.3f} s, best {min(o):.3f} s)")
+    return med
+
+
+def ratio_line(t: dict[str, list[float]], name: str, goal: str) -> None:
+    """ours/HF speed ratio by median and by best, on both clocks."""
+    o = OTHER
+    print(f"  ratio {name}/HF: {statistics.median(t['hf']) / statistics.median(t[name]):.2f}x (median), "
+          f"{min(t['hf']) / min(t[name]):.2f}x (best); {OTHER_NAME} clock "
+          f"{statistics.median(o['hf']) / statistics.median(o[name]):.2f}x (median), "
+          f"{min(o['hf']) / min(o[name]):.2f}x (best)   goal {goal}")
+
+
+def train_step_fn(model, ids, hf: bool, fwd=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # same optimizer settings for both
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    fwd = model if fwd is None else fwd
 
     def step():
         if hf:
             loss = model(input_ids=ids, labels=ids).loss  # HF shifts labels itself
         else:
-            loss = model(ids, targets)[1]
+            loss = fwd(ids, targets, return_logits=False)[1]  # the trainer's step_loss without z-loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -88,6 +127,9 @@ def cpu(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(tmp)
         hf = load_hf(Path(tmp))
+        hf_gen = load_hf(Path(tmp))  # untouched copies for generation: the train steps move the weights
+    ours_gen = GPTNeo(cfg)
+    ours_gen.load_state_dict(ours.state_dict())
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
     ours.eval(), hf.eval()
     with torch.no_grad():
@@ -98,31 +140,41 @@ def cpu(args) -> None:
     # -- training step (fresh copies so both optimizers start from the same weights) --
     ours.train(), hf.train()
     steps = {"ours": train_step_fn(ours, ids, hf=False), "hf": train_step_fn(hf, ids, hf=True)}
+    if args.compile:
+        twin = GPTNeo(cfg)
+        twin.load_state_dict(ours.state_dict())
+        steps["ours compiled"] = train_step_fn(twin.train(), ids, hf=False, fwd=torch.compile(twin))
     if args.backends:
         for backend in ("sdpa", "chunked"):
             m = GPTNeo(cfg, attn_backend=backend)
             m.load_state_dict(ours.state_dict())
             steps[f"ours[{backend}]"] = train_step_fn(m.train(), ids, hf=False)
-    t = interleaved(steps, rounds)
-    med = {k: statistics.median(v) for k, v in t.items()}
     print(f"\ntrain step fwd+bwd+AdamW, B={B} T={T}, {rounds} interleaved rounds (median s/step, tokens/s):")
-    for k, v in med.items():
-        print(f"  {k:14s} {v:8.3f} s   {B * T / v:10.0f} tok/s   (min {min(t[k]):.3f} s)")
-    print(f"  ratio ours/HF tokens/s: {med['hf'] / med['ours']:.2f}x (median), "
-          f"{min(t['hf']) / min(t['ours']):.2f}x (best)   goal >= 1.5x; ours uses local backend "
-          f"{ours.local_impl(ids.device)!r}")
+    t = interleaved(steps, rounds)
+    med = report(t, B * T, "tok/s")
+    print(f"  ours uses local backend {ours.local_impl(ids.device)!r}")
+    ratio_line(t, "ours", ">= 2x")
+    if args.compile:
+        ratio_line(t, "ours compiled", ">= 2x")
     if args.backends:
         print(f"  chunked vs sdpa-mask local attention (model step): "
               f"{med['ours[sdpa]'] / med['ours[chunked]']:.2f}x")
+    if args.profile:
+        profile_table("ours train step (eager)", steps["ours"])
+        if args.compile:
+            profile_table("ours train step (compiled)", steps["ours compiled"])
 
-    # -- generation: greedy, KV cache, full length --
-    ours.eval(), hf.eval()
+    # -- generation: greedy, KV cache, full length (the same initial weights in both) --
+    ours, hf = ours_gen.eval(), hf_gen.eval()
     P, N = (8, 16) if args.smoke else (args.prompt, args.new_tokens)
     prompt = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(2))
     outs = {}
 
     def run_ours():
         outs["ours"] = ours.generate(prompt, N, temperature=0.0)
+
+    def run_ours_compiled():
+        outs["ours compiled"] = ours.generate(prompt, N, temperature=0.0, compile=True)
 
     def run_hf():
         with torch.no_grad():
@@ -142,19 +194,32 @@ def cpu(args) -> None:
                 F.linear(x1, out.weight, out.bias)
                 F.linear(F.linear(x1, fc.weight, fc.bias), proj.weight, proj.bias)
             F.linear(x1, ours.lm_head.weight)
-    t = interleaved({"ours": run_ours, "hf": run_hf, "matmul floor": matmul_floor}, rounds)
-    med = {k: statistics.median(v) for k, v in t.items()}
+    gens = {"ours": run_ours, "hf": run_hf, "matmul floor": matmul_floor}
+    if args.compile:
+        gens["ours compiled"] = run_ours_compiled
     print(f"\ngreedy generation, KV cache, B={B} prompt {P} + {N} new tokens, {rounds} rounds:")
-    for k, v in med.items():
-        print(f"  {k:14s} {v:8.3f} s   {B * N / v:10.0f} new tok/s   (min {min(t[k]):.3f} s)")
+    t = interleaved(gens, rounds)
+    med = report(t, B * N, "new tok/s")
     floor = med["matmul floor"]
     print(f"  weight matmuls alone (memory-bound at batch {B}, identical in both): {floor:.3f} s = "
           f"{floor / med['ours']:.0%} of ours; bound on ours/HF with zero other cost: "
           f"{med['hf'] / floor:.2f}x")
-    same = (outs["ours"] == outs["hf"]).float().mean().item()
-    print(f"  ratio ours/HF tokens/s: {med['hf'] / med['ours']:.2f}x (median), "
-          f"{min(t['hf']) / min(t['ours']):.2f}x (best)   goal >= 2x; identical tokens {same:.1%} "
-          f"(random weights: near-tied logits may flip)")
+    for name in [k for k in ("ours", "ours compiled") if k in outs]:
+        ratio_line(t, name, ">= 2x")
+        same = (outs[name] == outs["hf"]).float().mean().item()
+        print(f"  {name}: identical tokens to HF {same:.1%} (random weights: near-tied logits may flip)")
+    if args.profile:
+        profile_table("ours generation (eager)", run_ours)
+        if args.compile:
+            profile_table("ours generation (compiled)", run_ours_compiled)
+
+
+def profile_table(title: str, fn, rows: int = 18) -> None:
+    from torch.profiler import profile
+    with profile() as prof:
+        fn()
+    print(f"\nprofile: {title} (one call)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
 
 
 def gpu(args) -> None:
@@ -195,7 +260,7 @@ def gpu(args) -> None:
             loss = compiled(ids, targets)[1]
         loss.backward()
     res = {"ours": measure("ours", ours_step, args.gpu_steps)}
-    del compiled, ours
+    compiled = ours = None  # free them before the HF model
     torch.cuda.empty_cache()
     try:
         import transformers
@@ -225,6 +290,9 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--backends", action="store_true", help="also time the sdpa and chunked local backends")
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours under torch.compile (train step) and generate(compile=True)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler tables of ours after the timings")
     p.add_argument("--gpu", action="store_true", help="bf16 MFU on CUDA instead of the CPU comparison")
     p.add_argument("--gpu-batch", type=int, default=8)
     p.add_argument("--gpu-steps", type=int, default=10)
@@ -232,6 +300,8 @@ def main() -> int:
     args = p.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    global OTHER_NAME
+    OTHER_NAME = "wall" if args.clock == "cpu" else "CPU"
     if args.gpu:
         gpu(args)
     else:

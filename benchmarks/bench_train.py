@@ -69,7 +69,7 @@ def bare_rate(mcfg: GPTNeoConfig, cfg: TrainConfig, seq_len: int, steps: int, in
 
     def one():
         with autocast:
-            _, loss = net(x, targets=x)
+            _, loss = net(x, targets=x, return_logits=False)  # as the trainer's step_loss (no z-loss)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from .attention import (ATTN_BACKENDS, CPU_AUTO_LOCAL_BACKEND, _flex_api, _heads, _merge_heads,
                         attention_mask, chunked_local_attention, flex_local_attention, flex_usable)
 from .config import GPTNeoConfig
+from .decode import compiled_decode_step
+from .fused import linear_cross_entropy
 
 __all__ = ["GPTNeo", "KVCache", "attention_mask", "chunked_local_attention"]
 
@@ -45,9 +47,10 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device) -> None:
         self.window = window
         self.slots = min(capacity, window) if window is not None else capacity
-        self.k = torch.empty(batch, n_head, self.slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.valid = torch.ones(batch, self.slots, dtype=torch.bool, device=device)
+        # zeros, not empty: the compiled decode step reads every slot, and 0-weight x garbage (NaN) is NaN
+        self.k = torch.zeros(batch, n_head, self.slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.valid = torch.zeros(batch, self.slots, dtype=torch.bool, device=device)  # True once written
         self.padded = False  # any invalid slot ever written: decode steps then need a key mask
         self.length = 0  # tokens written so far = index of the next token
 
@@ -63,6 +66,8 @@ class KVCache:
         if key_valid is not None:
             self.valid[:, slots] = key_valid[:, T - m:]
             self.padded = True
+        else:
+            self.valid[:, slots] = True
         self.length = T
 
     def append(self, k: torch.Tensor, v: torch.Tensor
@@ -353,15 +358,23 @@ class GPTNeo(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+                reduction: str = "mean", return_logits: bool = True
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids, targets: (B, T) int64. Returns logits (B, T, V) and the loss (None without targets).
 
         The loss is cross-entropy with ignore_index=-100: a scalar for reduction "mean"/"sum", per-token
-        NLL (B, T) for "none" (0 at ignored positions).
+        NLL (B, T) for "none" (0 at ignored positions). return_logits=False (with targets and a scalar
+        reduction) returns (None, loss) from the fused head + loss (neo_model.fused), which never holds
+        the (B, T, V) logits: the training step's path.
         """
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        logits = self.lm_head(self._hidden(input_ids))  # (B, T, V)
+        h = self._hidden(input_ids)
+        if targets is not None and not return_logits and reduction != "none":
+            C = h.size(-1)
+            return None, linear_cross_entropy(h.reshape(-1, C), self.lm_head.weight, targets.reshape(-1),
+                                              reduction)
+        logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
             return logits, None
         # fp32 log-softmax: under bf16 autocast the vocabulary-wide reduction loses precision otherwise.
@@ -411,7 +424,7 @@ class GPTNeo(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  eos_token_id: int | None = None, use_cache: bool = True, top_p: float | None = None,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, compile: bool = False) -> torch.Tensor:
         """Append up to max_new_tokens sampled tokens to input_ids (B, T); returns (B, T + n).
 
         temperature 0 means greedy; top_k None or 0 and top_p None or 1 disable those filters (applied
@@ -421,6 +434,10 @@ class GPTNeo(nn.Module):
         counted from their first real token and never attend to padding, so each row continues exactly
         as it would alone. Without padding the context is cropped to max_position_embeddings; a KV
         cache is used while the whole sequence still fits (positions shift once cropping starts).
+        compile=True runs each cached decode step as one torch.compile graph (neo_model.decode): the
+        same tokens with less per-op overhead (on CPU the weight matmuls then dominate; figures in
+        benchmarks/RESULTS.md), but the first call for a batch size and cache capacity compiles for
+        tens of seconds on a CPU, so it pays off only for long or repeated generation.
         """
         was_training = self.training
         self.eval()
@@ -440,6 +457,9 @@ class GPTNeo(nn.Module):
         blocks = [block.attn.attention for block in self.transformer.h]
         for attn in blocks:  # one fused q/k/v weight per layer for the whole call
             attn._qkv_weight = attn.qkv_weight()
+        qkv = [attn._qkv_weight for attn in blocks]
+        step = compiled_decode_step() if compile else None
+        warm = False
         try:
             for _ in range(max_new_tokens):
                 if key_valid is not None or (use_cache and idx.size(1) <= max_pos):
@@ -452,13 +472,28 @@ class GPTNeo(nn.Module):
                         caches = self.new_caches(B, min(T0 + max_new_tokens, max_pos if key_valid is None
                                                         else T0 + max_new_tokens))
                         h = self._hidden(idx, caches, key_valid, position_ids)
+                    elif compile:  # the newest token through the compiled step (fixed shapes)
+                        n = caches[0].length
+                        pos = (torch.full((B, 1), n, device=idx.device) if position_ids is None
+                               else position_ids[:, -1:] + (idx.size(1) - T0))
+                        W = self.config.window_size
+                        slots = torch.tensor([[n], [n % W]], device=idx.device)
+                        # After the first step of the call has checked the graph's guards, the same
+                        # shapes, dtypes and weights follow: skip re-checking them every token.
+                        with torch.compiler.set_stance(skip_guard_eval_unsafe=warm):
+                            logits = step(self, caches, qkv, idx[:, -1:].contiguous(), pos, slots)
+                        warm = True
+                        for cache in caches:
+                            cache.length += 1
+                        h = None
                     else:  # only the newest token; earlier keys/values come from the cache
                         pos = None if position_ids is None else position_ids[:, -1:] + (idx.size(1) - T0)
                         h = self._hidden(idx[:, -1:], caches, None, pos)
                 else:
                     caches = None
                     h = self._hidden(idx[:, -max_pos:])
-                logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
+                if h is not None:
+                    logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
                 if temperature == 0:
                     next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
                 else:

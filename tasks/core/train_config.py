@@ -81,8 +81,15 @@ class TrainConfig(Section):
     processes, the busiest one), like max_time; with both set, whichever runs out first."""
     z_loss: float = Field(default=0.0, ge=0)
     """Weight of the z-loss (logsumexp(logits)^2, PaLM); 0 = off."""
-    compile: bool = False
-    """Run the model through torch.compile."""
+    compile: bool | Literal["auto"] = "auto"
+    """Run the training step's forward and backward through torch.compile (inductor): true, false or
+    auto. auto = compile on CUDA, not on CPU: there the compiled step measured no faster than the eager
+    one (benchmarks/bench_model.py --compile; RESULTS.md, Model) and compiling takes ~80-100 s on a
+    2-core machine. Compiled and eager losses agree to fp32 rounding (rtol 1e-4 over 20 steps)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision of the forward/backward: bf16 = torch.autocast to bfloat16 on the training
+    device (CPU too; weights, gradients and AdamW state stay fp32), fp32 = none; auto = bf16 on CUDA,
+    fp32 on CPU."""
     val_every: int = Field(default=0, ge=0)
     """Compute validation loss every M steps (and at the end); 0 = never during training."""
     val_batches: int = Field(default=4, gt=0)
@@ -111,6 +118,20 @@ class TrainConfig(Section):
     """Peak FLOP/s of one device for MFU; None = looked up for known GPUs, no MFU on CPU."""
     in_process: bool = False
     """Train inside the calling process instead of a subprocess (tests, debugging; nproc must be 1)."""
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, value: Any) -> Any:
+        if isinstance(value, str):  # YAML / CLI overrides: auto, true/false, yes/no, on/off, 1/0
+            text = value.strip().lower()
+            flags = {"true": True, "yes": True, "on": True, "1": True,
+                     "false": False, "no": False, "off": False, "0": False}
+            if text in flags:
+                return flags[text]
+            if text == "auto":
+                return "auto"
+            raise ValueError(f"train.compile must be auto, true or false, got {value!r}")
+        return value
 
     @field_validator("max_time", "max_cpu_time", mode="before")
     @classmethod

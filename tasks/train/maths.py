@@ -72,8 +72,9 @@ def total_steps(cfg: Any, rows_per_step: int, seq_len: int) -> int | None:
 
 def step_loss(model: Callable, x: torch.Tensor, y: torch.Tensor, z_loss: float
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, objective): the objective adds z_loss * mean(logsumexp(logits)^2)."""
-    logits, loss = model(x, targets=y)
+    """(cross-entropy, objective): the objective adds z_loss * mean(logsumexp(logits)^2). Without
+    z-loss the logits are not needed, so the model's fused head + loss runs (neo_model.fused)."""
+    logits, loss = model(x, targets=y, return_logits=bool(z_loss))
     if not z_loss:
         return loss, loss
     z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()

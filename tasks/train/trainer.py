@@ -37,6 +37,7 @@ from neo_model.hf_io import write_pretrained
 from neo_model.parallel import full_tensor, shard
 from tasks.core.cpus import set_torch_threads
 from tasks.core.train_config import TrainConfig
+from tasks.train.accel import step_mode, use_bf16
 from tasks.train.faults import Faults
 from tasks.train.loader import TokenLoader
 from tasks.train.budget import Clock, length, update_progress
@@ -91,7 +92,7 @@ class Run:
     mcfg: GPTNeoConfig
     net: GPTNeo  # the module itself (FSDP-sharded in place): clipping, validation, checkpoints
     model: Any  # net, or its DDP wrapper: train(), no_sync()
-    fwd: Callable  # model, compiled when train.compile is set: the steps' forward
+    fwd: Callable  # model, compiled when train.compile resolves to true: the steps' forward
     opt: torch.optim.Optimizer
     autocast: Any
     sharded: bool
@@ -142,8 +143,9 @@ def setup(spec: TrainSpec, emit: Callable[[str], None]) -> tuple[Run, State]:
     net, mcfg, ckpt = build_model(spec, device)
     n_params, fpt = net.num_parameters(), net.flops_per_token(seq_len)
     sharded = world > 1 and cfg.parallel == "fsdp"
+    bf16 = use_bf16(cfg, device)
     if sharded:
-        shard(net, world, device, bf16=device.type == "cuda")
+        shard(net, world, device, bf16=bf16 and device.type == "cuda")
     opt = make_optimizer(net, cfg, device)
     state = State()
     if ckpt is not None:
@@ -154,9 +156,7 @@ def setup(spec: TrainSpec, emit: Callable[[str], None]) -> tuple[Run, State]:
     if world > 1 and not sharded:
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(model) if cfg.compile else model
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    fwd, autocast, how = step_mode(model, cfg, device, bf16)  # train.compile, train.precision
     val_loader = None
     if cfg.val_every:
         val_loader = TokenLoader(spec.tokens_dir, "val", batch_size=per_rank // accum, seed=cfg.seed,
@@ -170,7 +170,7 @@ def setup(spec: TrainSpec, emit: Callable[[str], None]) -> tuple[Run, State]:
     update_progress(run, state)
     mode = ("FSDP" if sharded else "DDP") if world > 1 else "single process"
     say(f"training {n_params:,} parameters on {world} x {device.type} ({mode}, {threads} CPU thread(s) per "
-        f"process): {length(run)}, steps of {rows_per_step} rows ({run.tokens_per_step:,} tokens, {accum} micro-batch(es) per process)")
+        f"process) in {how}: {length(run)}, steps of {rows_per_step} rows ({run.tokens_per_step:,} tokens, {accum} micro-batch(es) per process)")
     return run, state
 
 
