@@ -62,9 +62,11 @@ _WAIT = typer.Option(False, "--wait", help="If another neo run holds the workspa
 
 
 @contextlib.contextmanager
-def _session(config: str, set_: list[str], workspace: Optional[str], wait: bool, check_sources: bool = True):
+def _session(config: str, set_: list[str], workspace: Optional[str], wait: bool, flows: str,
+             check_sources: bool = True):
     """Everything checked before any work (config, local sources), the workspace held (one run at a
-    time), the embedded runtime set up; yields (config, local workspace, shared workspace URL or None)."""
+    time), the embedded runtime started while the `flows` module is imported; yields (config, local
+    workspace, shared workspace URL or None)."""
     from flows.cli.lock import WorkspaceBusy, workspace_lock
     from tasks.core import storage
     from tasks.download.sources import check_local_sources
@@ -82,7 +84,9 @@ def _session(config: str, set_: list[str], workspace: Optional[str], wait: bool,
             held.enter_context(workspace_lock(ws, wait, echo=typer.echo))
         except WorkspaceBusy as exc:
             _fail(str(exc))
-        from flows.cli.runtime import configure, shield_embedded_server
+        import importlib
+
+        from flows.cli.runtime import configure, prestart, shield_embedded_server
 
         configure(ws)
         typer.echo(f"neo: config {cfg.name!r}, workspace {shared + f' (local copy {ws})' if shared else ws}")
@@ -92,6 +96,9 @@ def _session(config: str, set_: list[str], workspace: Optional[str], wait: bool,
         # embedded server, which SIGTERM to the group no longer reaches (shield_embedded_server).
         signal.signal(signal.SIGTERM, _terminated)
         try:
+            ready = prestart(ws)  # the server boots in its own process while this one imports the flows
+            importlib.import_module(flows)
+            ready()
             yield cfg, ws, shared
         except KeyboardInterrupt:
             _terminated(signal.SIGINT, None)
@@ -123,7 +130,7 @@ def _summary(stages: dict, ws: Path) -> None:
 def run(config: str = _CONFIG, set_: list[str] = _SET, workspace: Optional[str] = _WORKSPACE,
         wait: bool = _WAIT) -> None:
     """Run the whole pipeline: download, clean, dedup, tokenize, train, evaluate, register."""
-    with _session(config, set_, workspace, wait) as (cfg, ws, shared):
+    with _session(config, set_, workspace, wait, "flows.pipeline") as (cfg, ws, shared):
         from flows.pipeline import neo_pipeline
 
         with _download_progress():
@@ -135,7 +142,7 @@ def run(config: str = _CONFIG, set_: list[str] = _SET, workspace: Optional[str] 
 def data(config: str = _CONFIG, set_: list[str] = _SET, workspace: Optional[str] = _WORKSPACE,
          wait: bool = _WAIT) -> None:
     """Prepare training data only (download, clean, dedup, tokenize); prints the token directory."""
-    with _session(config, set_, workspace, wait) as (cfg, ws, shared):
+    with _session(config, set_, workspace, wait, "flows.data") as (cfg, ws, shared):
         from flows.data import neo_data
         from tasks.core import storage
 
@@ -158,7 +165,7 @@ def train(tokens_dir: str = typer.Argument(..., help="A token directory (`neo da
     """Train, evaluate and register from an existing token directory."""
     from tasks.core.protocol import read_manifest
 
-    with _session(config, set_, workspace, wait, check_sources=False) as (cfg, ws, shared):
+    with _session(config, set_, workspace, wait, "flows.train", check_sources=False) as (cfg, ws, shared):
         from tasks.core import storage
 
         local = storage.localize(tokens_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline machines: telemetry only logs errors
@@ -66,6 +67,56 @@ def shield_embedded_server() -> None:
 
     server.SubprocessASGIServer._run_uvicorn_command = start_in_own_session
     server.SubprocessASGIServer._neo_shielded = True
+
+
+def prestart(workspace: str | Path) -> Callable[[], None]:
+    """Start, in background threads, what the first flow run would otherwise wait for in turn: the
+    embedded Prefect API server (Prefect's own, which the run then finds started) and, in a workspace
+    without one yet, the embedded MLflow store (its schema migrations, mostly waiting on the disk).
+    The caller imports its flows meanwhile, then calls the returned function, which waits for both
+    and raises the server's start error as the run would have (a store that could not be created is
+    left to MLflow to create where a stage needs it). Configured servers (PREFECT_API_URL,
+    MLFLOW_TRACKING_URI) are left alone."""
+    import contextvars
+    import threading
+
+    jobs: list[tuple[Callable[[], None], bool]] = []  # (job, whether its error fails the run here)
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.logging.configuration import setup_logging
+        from prefect.server.api.server import SubprocessASGIServer
+
+        setup_logging()  # as `import prefect` would: the server's "Starting temporary server" line shows
+        jobs.append((SubprocessASGIServer().start, True))
+    db = Path(workspace).resolve() / "mlflow" / "mlflow.db"
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not db.exists():
+        def create_store() -> None:
+            from tasks.core import tracking
+
+            tracking.client(workspace).search_experiments(max_results=1)
+
+        jobs.append((create_store, False))
+    errors: list[BaseException] = []
+
+    def guarded(job: Callable[[], None], fatal: bool) -> None:
+        try:
+            job()
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting thread, or left to the stage
+            if fatal:
+                errors.append(exc)
+
+    # each thread runs in a copy of this context: Prefect's settings (e.g. a temporary_settings block)
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(guarded, *job), daemon=True,
+                                name="neo-prestart") for job in jobs]
+    for t in threads:
+        t.start()
+
+    def wait() -> None:
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    return wait
 
 
 def ui_instructions(workspace: str | Path) -> list[str]:
