@@ -102,6 +102,10 @@ def _session(config: str, set_: list[str], workspace: Optional[str], wait: bool,
             yield cfg, ws, shared
         except KeyboardInterrupt:
             _terminated(signal.SIGINT, None)
+        except Exception as exc:  # noqa: BLE001 - a stage failed; Prefect logged its traceback above
+            typer.secho(f"error: {type(exc).__name__}: {exc}\n(traceback in the log above; a rerun reuses "
+                        "every stage that finished)", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
 
 
 def _terminated(signum: int, frame) -> None:

@@ -86,6 +86,22 @@ def test_neo_data_then_neo_train_register_a_model(tmp_path):
     assert nothing.returncode == 2 and nothing.stderr.startswith("error: nothing to evaluate")
 
 
+def test_a_stage_that_fails_ends_with_one_error_line_not_a_traceback(tmp_path):
+    """Bad input that only a stage can judge (one short file: one split gets no rows): exit 1, the
+    stage's message as the CLI's last words, and no CLI traceback."""
+    neo, ws, corpus = str(Path(sys.executable).parent / "neo"), str(tmp_path / "ws"), tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("def f(x):\n    return x + 1\n" * 8)
+    args = [neo, "data", "-c", "debug", "-w", ws, "--set", f"corpus.sources=['{corpus}']"]
+    bad = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    tail = [line for line in bad.stderr.splitlines() if line.strip() and " | INFO " not in line][-2:]
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert tail[0].startswith("error: ValueError: tokenize: the ") and "split has no rows" in tail[0], tail
+    assert tail[1] == "(traceback in the log above; a rerun reuses every stage that finished)"
+    assert "Traceback (most recent call last)" not in bad.stderr.split("Flow run 'data-debug' - Finished")[-1]
+    assert "╭" not in bad.stdout + bad.stderr  # no rich traceback box from the CLI
+
+
 def test_sigterm_during_training_stops_everything_and_a_rerun_resumes(tmp_path):
     """SIGTERM to `neo run`'s process group mid-training: the runs are marked Crashed, the command
     exits 143 saying so, no process of it (training, embedded server) survives, and the same command
