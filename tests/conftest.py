@@ -17,6 +17,7 @@ os.environ.update({
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "NEO_HOME": os.path.join(_TMP, "neo-home"),
+    "NEO_CACHE_DIR": os.path.join(_TMP, "neo-cache"),  # never the user's ~/.cache
 })
 for _var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
     os.environ.pop(_var, None)

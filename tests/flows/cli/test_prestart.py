@@ -47,3 +47,33 @@ def test_a_server_that_fails_to_start_fails_the_wait(tmp_path, monkeypatch):
     monkeypatch.setattr(SubprocessASGIServer, "start", broken)
     with pytest.raises(RuntimeError, match="Timed out"):
         prestart(tmp_path)()
+
+
+def test_a_new_workspace_starts_from_a_migrated_empty_prefect_database(tmp_path):
+    """`neo data` in a fresh workspace: the first run keeps a copy of its database as Prefect migrated
+    it, before any run was recorded; the next fresh workspace starts from that copy and holds only
+    its own runs."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import prefect
+
+    neo = str(Path(sys.executable).parent / "neo")
+    env = {**os.environ, "NEO_CACHE_DIR": str(tmp_path / "cache")}
+    template = tmp_path / "cache" / "prefect-db" / f"prefect-{prefect.__version__}.db"
+
+    def runs(db: Path) -> list[str]:
+        with sqlite3.connect(db) as c:
+            return [r[0] for r in c.execute("select name from flow_run")]
+
+    for ws in ("ws1", "ws2"):
+        done = subprocess.run([neo, "data", "-c", "debug", "-w", str(tmp_path / ws)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert template.is_file() and runs(template) == []
+        assert runs(tmp_path / ws / "prefect" / "prefect.db") == ["data-debug"]
+    with sqlite3.connect(template) as c:
+        assert c.execute("select count(*) from block_type").fetchone()[0] > 0  # what the server registered
