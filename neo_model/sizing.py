@@ -25,13 +25,18 @@ local layers FlexAttention (CUDA) or the chunked kernel (CPU); all keep only out
 kernel (T > W, Tp = T rounded up to a multiple of W) also keeps its per-chunk outputs a*B*Tp*d and the
 query blocks and key/value block pairs 5a*B*(Tp - W)*d. The fused q/k/v projection saves its
 concatenated weight, 3d^2 elements per layer, as a copy (fp32, or bf16 under autocast).
-Head: ln_f input f*BTd, its output a*BTd, fp32 log-probabilities 4*BTV, ids and targets 16*BT (the logits
-themselves are dropped before backward, as the trainer's step_loss does).
+Head: ln_f input f*BTd, its output a*BTd, ids and targets 16*BT, and with the trainer's fused head + loss
+(neo_model.fused, the default) the gradients it computes in the forward pass, d h 4*BTd and d W 4*Vd, while
+one chunk of CHUNK_ROWS rows holds its fp32 logits, log-probabilities and one more chunk-sized buffer
+(12*CHUNK_ROWS*V transient, measured: the log-softmax's temporary); with
+full logits (`fused_head=False`, train.z_loss) fp32 log-probabilities 4*BTV (the logits themselves are
+dropped before backward).
 
 Peak of a step (gradients held: gradient accumulation, as in every multi-micro-batch step):
   static + max(head phase, layer phase), where
-  head phase  = all blocks' saved tensors + head + 8*BTV (cross-entropy backward: the log-probabilities'
-                gradient and the logits' gradient, fp32, while the log-probabilities are still held);
+  head phase  = all blocks' saved tensors + head + its transient (fused: one chunk's 12*CHUNK_ROWS*V;
+                full logits: 8*BTV in cross-entropy backward, the log-probabilities' gradient and the
+                logits' gradient, fp32, while the log-probabilities are still held);
   layer phase = all blocks' saved tensors + f*BTd + a*BTI + 4dI (the residual's gradient, and at gelu's
                 backward one more a*BTI: its input's gradient, while its output's is still held and
                 c_proj's saved input already freed; plus one weight gradient before accumulation).
@@ -68,6 +73,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GPTNeoConfig
+from .fused import CHUNK_ROWS
 
 STRATEGIES = ("single", "ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16")
@@ -106,7 +112,10 @@ def _layer_saved(c: GPTNeoConfig, B: int, T: int, a: int, kind: str, local_kerne
     return n
 
 
-def _head_saved(c: GPTNeoConfig, B: int, T: int, a: int) -> int:
+def _head_saved(c: GPTNeoConfig, B: int, T: int, a: int, fused: bool) -> int:
+    if fused:  # neo_model.fused: d loss / d h and d loss / d W, fp32, computed in the forward pass
+        return (4 + a) * B * T * c.hidden_size + 4 * B * T * c.hidden_size + 4 * c.vocab_size * c.hidden_size \
+            + 16 * B * T + 8 * B * T
     return (4 + a) * B * T * c.hidden_size + 4 * B * T * c.vocab_size + 16 * B * T + 8 * B * T
 
 
@@ -124,13 +133,15 @@ class Memory:
 
 def training_memory(c: GPTNeoConfig, micro_batch: int, seq_len: int, *, strategy: str = "ddp",
                     gpus: int = 1, precision: str = "bf16", checkpointing: bool = False, accum: int = 2,
-                    local_kernel: str = "fused") -> Memory:
+                    local_kernel: str = "fused", fused_head: bool = True) -> Memory:
     """Peak bytes per GPU of one training micro-step at `micro_batch` rows of `seq_len` tokens.
 
     strategy: "single" (one process), "ddp" or "fsdp" (full sharding over `gpus`); precision: "fp32"
     (everything fp32, the CPU path) or "bf16" (autocast / FSDP2 bf16 compute, fp32 master state);
     accum: micro-batches per optimizer step (FSDP2 keeps unsharded gradients between syncs when > 1);
-    local_kernel: "fused" (FlexAttention on CUDA) or "chunked" (the CPU kernel). See the module docstring.
+    local_kernel: "fused" (FlexAttention on CUDA) or "chunked" (the CPU kernel); fused_head: the trainer's
+    fused output head + loss (neo_model.fused; False = full logits, as with train.z_loss). See the module
+    docstring.
     """
     if strategy not in STRATEGIES or precision not in PRECISIONS or local_kernel not in LOCAL_KERNELS:
         raise ValueError(f"strategy in {STRATEGIES}, precision in {PRECISIONS}, local_kernel in {LOCAL_KERNELS}")
@@ -162,8 +173,8 @@ def training_memory(c: GPTNeoConfig, micro_batch: int, seq_len: int, *, strategy
         p["weight_copies"] = copies_layers * qkv_copy
     kinds = c.attention_layers
     f = 4
-    head = _head_saved(c, B, T, a)
-    head_transient = 8 * B * T * V
+    head = _head_saved(c, B, T, a, fused_head)
+    head_transient = 12 * min(B * T, CHUNK_ROWS) * V if fused_head else 8 * B * T * V
     layer_transient = f * B * T * d + a * B * T * I + 4 * d * I
     if checkpointing:
         inputs = L * (2 if sharded and a == 2 else f) * B * T * d
