@@ -6,6 +6,7 @@ imported, so a bad `--set` fails in milliseconds, naming the key, and no work st
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
 import sys
 from pathlib import Path
@@ -84,8 +85,6 @@ def _session(config: str, set_: list[str], workspace: Optional[str], wait: bool,
             held.enter_context(workspace_lock(ws, wait, echo=typer.echo))
         except WorkspaceBusy as exc:
             _fail(str(exc))
-        import importlib
-
         from flows.cli.runtime import configure, prestart, shield_embedded_server
 
         configure(ws)
@@ -96,13 +95,14 @@ def _session(config: str, set_: list[str], workspace: Optional[str], wait: bool,
         # embedded server, which SIGTERM to the group no longer reaches (shield_embedded_server).
         signal.signal(signal.SIGTERM, _terminated)
         try:
-            ready = prestart(ws)  # the server boots in its own process while this one imports the flows
-            importlib.import_module(flows)
+            ready, _ = prestart(ws), importlib.import_module(flows)  # the server boots while we import
             ready()
             yield cfg, ws, shared
         except KeyboardInterrupt:
             _terminated(signal.SIGINT, None)
         except Exception as exc:  # noqa: BLE001 - a stage failed; Prefect logged its traceback above
+            if isinstance(exc, (typer.Exit, typer.Abort)):  # the CLI's own exits (`_fail`: exit 2)
+                raise
             typer.secho(f"error: {type(exc).__name__}: {exc}\n(traceback in the log above; a rerun reuses "
                         "every stage that finished)", fg=typer.colors.RED, err=True)
             raise typer.Exit(1)
