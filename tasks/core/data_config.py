@@ -12,6 +12,21 @@ from tasks.core.section import Section
 from tasks.core.urls import has_secrets, split_secrets, userinfo_auth, with_query
 
 
+def secrets_out(data: Any, url_key: str, auth_key: str, query_key: str) -> Any:
+    """A section's raw input with the URL under `url_key` split by the one parser
+    (tasks/core/urls.py): the URL as it may be shown stays there, its userinfo (percent-decoded) goes to
+    `auth_key` and a query string holding secrets to `query_key`, unless those were given."""
+    if isinstance(data, dict) and isinstance(data.get(url_key), str):
+        shown, userinfo, query = split_secrets(data[url_key])
+        if userinfo is not None or query is not None:
+            data = {**data, url_key: shown}
+            if userinfo is not None and data.get(auth_key) is None:
+                data[auth_key] = userinfo_auth(userinfo)
+            if query is not None and data.get(query_key) is None:
+                data[query_key] = query
+    return data
+
+
 class SourceSpec(Section):
     """One corpus source with what is known about it (as the Pile's checksum list gives)."""
 
@@ -57,15 +72,7 @@ class SourceSpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _secrets_out_of_url(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("url"), str):
-            shown, userinfo, query = split_secrets(data["url"])  # the one parser (tasks/core/urls.py)
-            if userinfo is not None or query is not None:
-                data = {**data, "url": shown}
-                if userinfo is not None and data.get("auth") is None:
-                    data["auth"] = userinfo_auth(userinfo)
-                if query is not None and data.get("query") is None:
-                    data["query"] = query
-        return data
+        return secrets_out(data, "url", "auth", "query")
 
     def request_url(self, url: str | None = None) -> str:
         """`url` (default: this source's own) as requested: with the secret query string put back."""
@@ -342,15 +349,7 @@ class TokenizerConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _secrets_out_of_source(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("tokenizer_source"), str):
-            shown, userinfo, query = split_secrets(data["tokenizer_source"])  # tasks/core/urls.py
-            if userinfo is not None or query is not None:
-                data = {**data, "tokenizer_source": shown}
-                if userinfo is not None and data.get("tokenizer_source_auth") is None:
-                    data["tokenizer_source_auth"] = userinfo_auth(userinfo)
-                if query is not None and data.get("tokenizer_source_query") is None:
-                    data["tokenizer_source_query"] = query
-        return data
+        return secrets_out(data, "tokenizer_source", "tokenizer_source_auth", "tokenizer_source_query")
 
     def source_secrets(self) -> tuple[str | None, str | None]:
         """(query, basic auth) to send with `tokenizer_source`'s requests, or None each."""
