@@ -18,6 +18,9 @@ os.environ.update({
     "TOKENIZERS_PARALLELISM": "false",
     "NEO_HOME": os.path.join(_TMP, "neo-home"),
     "NEO_CACHE_DIR": os.path.join(_TMP, "neo-cache"),  # never the user's ~/.cache
+    # as the CLI sets it (flows/cli/runtime.py): Prefect's 20 s default is too short for the first
+    # server start (a new database's migrations) on a busy 2-core machine
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 })
 for _var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
     os.environ.pop(_var, None)
