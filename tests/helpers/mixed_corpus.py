@@ -23,16 +23,9 @@ import random
 import sysconfig
 from pathlib import Path
 
+from planted_corpus import jaccard  # word-5-gram Jaccard, as the dedup stage shingles
+
 KINDS = ("reworded", "excerpt", "inserted", "template")
-
-
-def shingle_set(text: str, n: int = 5) -> set[bytes]:
-    w = text.lower().encode("utf-8").split()
-    return {b" ".join(w[i:i + n]) for i in range(len(w) - n + 1)}
-
-
-def jaccard_sets(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a | b else 1.0
 
 
 def code_documents(limit: int | None, rng: random.Random) -> list[dict]:
@@ -129,7 +122,7 @@ def mixed_corpus(seed: int = 0, code: int | None = 200, prose: int | None = 60, 
         target = rng.uniform(*j_range)
         filler = " ".join(rng.choice(filler_pool) for _ in range(8))
         text = near_copy(rng, orig["text"], target, kind, filler)
-        true_j = jaccard_sets(shingle_set(orig["text"]), shingle_set(text))
+        true_j = jaccard(orig["text"], text)
         copy = {"id": f"near/{i:05d}", "text": text, "source": orig["source"]}
         truth[copy["id"]] = (orig["id"], true_j, kind)
         copies.append(copy)
@@ -165,7 +158,7 @@ def score(docs: list[dict], truth: dict, removed: dict[str, str], false_below: f
     out["recall_j>=0.75"] = round(sum(i in removed for i in high) / len(high), 4) if high else None
     text = {d["id"]: d["text"] for d in docs}
     others = [i for i in removed if i not in truth]
-    similarity = {i: jaccard_sets(shingle_set(text[i]), shingle_set(text[removed[i]])) for i in others}
+    similarity = {i: jaccard(text[i], text[removed[i]]) for i in others}
     false = sorted(i for i, j in similarity.items() if j < false_below)
     distinct = len(docs) - len(truth)
     out["natural_near_removed"] = len(others) - len(false)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mixed_corpus import jaccard_sets, mixed_corpus, score, shingle_set
-from planted_corpus import write_clean_upstream
+from mixed_corpus import mixed_corpus, score
+from planted_corpus import jaccard, write_clean_upstream
 from tasks.core.data_config import DedupConfig
 from tasks.core.units import iter_parquet_docs
 from tasks.dedup.stage import run_dedup
@@ -41,7 +41,7 @@ def test_defaults_find_near_copies_above_075_and_remove_nothing_unrelated(corpus
     text = {d["id"]: d["text"] for d in docs}
     for row in ledger:
         if row["kind"] == "near":
-            true = jaccard_sets(shingle_set(text[row["id"]]), shingle_set(text[row["duplicate_of"]]))
+            true = jaccard(text[row["id"]], text[row["duplicate_of"]])
             assert row["similarity"] >= 0.7 and abs(row["similarity"] - true) < 0.12, (row, true)
 
 
