@@ -231,17 +231,9 @@ def real_corpus(tmp: Path) -> list[str]:
     """Sources: the stdlib, plus WikiText articles and 4 kB Shakespeare chunks as jsonl."""
     sources = ["python-stdlib"]
     if SHARED.is_dir():
-        lines = []
-        for name in ("wikitext2-valid.txt", "wikitext2-test.txt"):
-            article: list[str] = []
-            for line in (SHARED / name).read_text(encoding="utf-8").splitlines(keepends=True):
-                if line.startswith(" = ") and not line.startswith(" = = ") and article:
-                    lines.append(json.dumps({"text": "".join(article)}))
-                    article = []
-                article.append(line)
-            lines.append(json.dumps({"text": "".join(article)}))
-        text = (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")
-        lines += [json.dumps({"text": text[i:i + 4000]}) for i in range(0, len(text), 4000)]
+        from dedup_sweep import shared_texts
+
+        lines = [json.dumps({"text": t}) for t in shared_texts()]
         (tmp / "shared.jsonl").write_text("\n".join(lines) + "\n")
         sources.append(str(tmp / "shared.jsonl"))
     return sources

@@ -39,8 +39,9 @@ THRESHOLDS = [None, 0.6, 0.65, 0.7, 0.75, 0.8]
 """None: no verification (any shared band removes, as datatrove and datasketch do)."""
 
 
-def shared_documents(limit_bytes: int = 4000) -> list[dict]:
-    """WikiText articles and Shakespeare chunks, when `../shared/corpora` is there."""
+def shared_texts(limit_bytes: int = 4000) -> list[str]:
+    """WikiText-2 valid/test articles (split at top-level ` = Title = ` lines) and tinyshakespeare cut
+    every `limit_bytes` characters, when `../shared/corpora` is there (also bench_dedup's corpus)."""
     if not SHARED.is_dir():
         return []
     out = []
@@ -53,8 +54,13 @@ def shared_documents(limit_bytes: int = 4000) -> list[dict]:
             article.append(line)
         out.append("".join(article))
     text = (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    out += [text[i:i + limit_bytes] for i in range(0, len(text), limit_bytes)]
-    return [{"id": f"shared/{i:05d}", "text": t, "source": "shared"} for i, t in enumerate(out) if t.strip()]
+    return out + [text[i:i + limit_bytes] for i in range(0, len(text), limit_bytes)]
+
+
+def shared_documents(limit_bytes: int = 4000) -> list[dict]:
+    """`shared_texts` as documents, blank ones left out."""
+    return [{"id": f"shared/{i:05d}", "text": t, "source": "shared"}
+            for i, t in enumerate(shared_texts(limit_bytes)) if t.strip()]
 
 
 def corpus(seed: int, near: int, exact: int, small: bool) -> tuple[list[dict], dict]:
